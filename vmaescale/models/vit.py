@@ -116,7 +116,7 @@ class Block(nn.Module):
 def make_blocks(depth: int, dim: int, num_heads: int, mlp_hidden: int, drop_path: float,
                 norm_eps: float) -> nn.ModuleList:
     """`depth` blocks with drop path rates linspace(0, drop_path, depth)."""
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
     return nn.ModuleList(Block(dim, num_heads, mlp_hidden, r, norm_eps) for r in rates)
 
 
