@@ -52,7 +52,8 @@ class MaskConfig:
 class DataConfig:
     shards: str = _f("", help="directory of WebDataset shards (with manifest.parquet), or a glob")
     val_shards: str = _f("", help="shards for reconstruction / validation clips; default = shards")
-    backend: str = _f("auto", choices=("auto", "dali", "fallback"))
+    backend: str = _f("auto", choices=("auto", "dali", "fallback", "synthetic"),
+                     help="synthetic = in-memory random clips (benchmarks: no decoding)")
     num_frames: int = _f(16, lo=2, hi=128)
     sampling_rate: int = _f(4, lo=1, hi=32)
     image_size: int = _f(224, lo=16, hi=1024)

@@ -37,7 +37,8 @@ class VideoClassifier(nn.Module):
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, T, H, W] -> pooled features [B, D]."""
-        x = self.patch_embed(video) + self.pos_embed.to(video.dtype)  # [B, N, D]
+        x = self.patch_embed(video)
+        x = x + self.pos_embed.to(x.dtype)  # [B, N, D]
         x = run_blocks(self.blocks, x, self.use_checkpoint and self.training)
         return self.fc_norm(x.mean(dim=1))
 

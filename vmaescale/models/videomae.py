@@ -76,7 +76,8 @@ class Encoder(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, video: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(video) + self.pos_embed.to(video.dtype)  # [B, N, D]
+        x = self.patch_embed(video)
+        x = x + self.pos_embed.to(x.dtype)  # [B, N, D]
         x = gather_tokens(x, visible_idx)  # [B, Nv, D]
         x = run_blocks(self.blocks, x, self.use_checkpoint and self.training)
         return self.norm(x)

@@ -35,7 +35,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         # [B, C, T, H, W] -> [B, D, T', Hp, Wp] -> [B, N, D], token order (t, h, w)
-        return self.proj(video).flatten(2).transpose(1, 2)
+        return self.proj(video.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,113 @@
+"""DeepSpeed setup: the process group, the DeepSpeed config derived from the run config,
+and the engine with a client AdamW (param groups) and the per-step lr schedule.
+
+The engine never knows which model size it runs: it takes any nn.Module.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vmaescale.config import RunConfig
+from vmaescale.train.optim import WarmupCosineSchedule, param_groups
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def dist_env() -> DistEnv:
+    """Rank / local rank / world size from torchrun or deepspeed, else Slurm, else 1 process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+    return DistEnv(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    """Start the process group (nccl on GPU, gloo/ccl on CPU) and return this rank's device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
+    accel = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    if accel.device_name() == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
+    """'auto' means bf16 on GPU and fp32 on CPU."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config dict, derived from the run config; `cfg.deepspeed` is merged last."""
+    micro_clips = cfg.train.videos_per_gpu * cfg.data.num_sample
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_clips,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": micro_clips * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.clip_grad,  # explicit: 0.19.3+ defaults to 1.0
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {
+            "stage": cfg.train.zero_stage,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 5e8,
+            "allgather_bucket_size": 5e8,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"]["check_grad_overflow"] = True
+    return merge_dicts(ds, cfg.deepspeed)
+
+
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """Recursive merge: `extra` wins; nested dicts merge key by key."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, num_layers: int) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, num_layers)
+    return torch.optim.AdamW(groups, lr=cfg.optim.base_lr, betas=tuple(cfg.optim.betas),
+                             eps=cfg.optim.eps)
+
+
+def build_engine(model: nn.Module, cfg: RunConfig, ds_config: dict, schedule_args: dict,
+                 num_layers: int):
+    """deepspeed.initialize with a client AdamW and the warmup-cosine schedule."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg, num_layers)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: WarmupCosineSchedule(opt, **schedule_args))
+    if cfg.model.compile:
+        engine.compile()
+    return engine, optimizer, scheduler
