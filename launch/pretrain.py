@@ -61,6 +61,8 @@ def print_where_things_are(summary: dict, cfg) -> None:
         print(f"open the UI     mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     if summary["status"] == "preempted":
         print("stopped by a signal after checkpointing: run the same command again to resume")
+    if summary["status"] == "paused":
+        print(f"stopped after train.run_steps at step {summary['step']}: run the same command again to resume")
 
 
 if __name__ == "__main__":

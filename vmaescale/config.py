@@ -83,6 +83,8 @@ class TrainConfig:
     warmup_epochs: float = _f(0.0, lo=0.0)
     max_steps: int = _f(0, lo=0, help="stop after this many optimizer steps; 0 = epochs decide")
     warmup_steps: int = _f(0, lo=0, help="overrides warmup_epochs when > 0")
+    run_steps: int = _f(0, lo=0, help="stop this launch after this many steps (checkpoint, exit; "
+                                      "the next launch resumes); 0 = run to the end")
     steps_per_epoch: int = _f(0, lo=0, help="0 = derived from the manifest sample count")
     videos_per_gpu: int = _f(32, lo=1, help="decoded videos per GPU per micro step")
     grad_accum: int = _f(1, lo=1)

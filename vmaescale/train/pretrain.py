@@ -230,7 +230,8 @@ class Pretraining:
         t_start = time.time()
         start_step = rs["step"]
         status = "completed"
-        while rs["step"] < self.total_steps:
+        stop_step = min(self.total_steps, start_step + cfg.train.run_steps) if cfg.train.run_steps else self.total_steps
+        while rs["step"] < stop_step:
             if self._stop_requested():
                 status = "preempted"
                 break
@@ -267,12 +268,14 @@ class Pretraining:
                 self.save()
         progress.close()
         self.save()
+        if status == "completed" and rs["step"] < self.total_steps:
+            status = "paused"
         if status == "completed":
             self.log_reconstructions()
             self.write_final()
         summary = self._summary(status, rs["step"] - start_step, time.time() - t_start)
         self.tracker.log_dict(summary, "summary.json")
-        self.tracker.finish("FINISHED" if status == "completed" else "KILLED")
+        self.tracker.finish({"completed": "FINISHED", "paused": "FINISHED"}.get(status, "KILLED"))
         return summary
 
     def _progress(self):
@@ -311,6 +314,9 @@ class Pretraining:
                            f"grad {metrics['grad_norm']:.3f}  clips/s {clips_per_s:.1f}  "
                            f"mfu {metrics['mfu'] * 100:.1f}%  data {metrics['data_wait_frac'] * 100:.0f}%")
         self.tracker.log_metrics(metrics, self.run_state["step"])
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.run_state["step"], **metrics}) + "\n")
 
     # ---- outputs ------------------------------------------------------------------------
     def save(self) -> str:
