@@ -1,0 +1,395 @@
+"""`build_loader`: the DALI or the PyAV fallback input pipeline, and what both share.
+
+Backend choice (`data.backend`):
+- "auto": DALI when it imports and can decode the shards' codec here (VP8/VP9/MJPEG on
+  the CPU; anything else needs a CUDA `device` for DALI's "mixed" decoder), else the
+  fallback. The choice and the reason are logged.
+- "dali": DALI or a ValueError saying why it cannot run here.
+- "fallback": the torch DataLoader + webdataset + PyAV loader.
+
+Both loaders follow the batch contract in `vmaescale.data`, draw their clips with
+`vmaescale.data.transforms` (the same frames and crops for the same video, seed and
+epoch), and expose `backend`, `steps_per_epoch`, `bad_samples`, `failed`,
+`set_epoch(epoch, start_step=0)` and `__len__` (batches left in this epoch).
+
+Steps per epoch
+- train: floor(videos / (world_size * videos_per_gpu)) on every rank; the remainder of
+  the epoch is dropped. A rank whose share is smaller than that (possible with the
+  fallback's per-tar split) tops it up by reading its tars again (repeating samples).
+- eval: enough steps for the rank with the most videos; every video is seen exactly once,
+  so the last batches of a rank can be short or empty (batch dimension 0).
+
+Bad samples: a sample that is empty, lacks a readable `.nframes`, is not in the manifest,
+or whose needed frames do not decode (not a video, truncated before the frames a clip
+uses, a different frame size than the manifest says) is skipped, counted in
+`bad_samples` and logged with its shard and key. In train mode the next sample takes its
+place; in eval mode it is added to `failed` as (key, reason) and nothing replaces it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from vmaescale.config import DataConfig
+from vmaescale.data.shards import shard_name
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "eval")
+BACKENDS = ("auto", "dali", "fallback")
+DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
+CODEC_BY_EXT = {"webm": "vp9", "mp4": "h264"}
+VIDEO_EXTS = ("mp4", "webm")
+MAX_BAD_IN_A_ROW = 1000
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard directory: its tars, DALI index files, manifest columns and codec."""
+
+    root: Path
+    tars: tuple[Path, ...]
+    index_paths: tuple[Path, ...]  # empty when any .idx is missing (DALI then scans the tars)
+    codec: str
+    video_exts: tuple[str, ...]  # extensions of the video component
+    shard: tuple[str, ...]  # per manifest row: the tar's file name
+    key: tuple[str, ...]
+    frames: np.ndarray  # int64 [N]
+    width: np.ndarray  # int64 [N]
+    height: np.ndarray  # int64 [N]
+    label: np.ndarray  # int64 [N]
+    row_by_sample: dict = field(repr=False)  # (tar name, key) -> manifest row
+
+    @property
+    def tar_names(self) -> list[str]:
+        return [t.name for t in self.tars]
+
+    @property
+    def num_videos(self) -> int:
+        """Manifest rows that live in this set's tars."""
+        return sum(self.videos_per_tar())
+
+    def videos_per_tar(self) -> list[int]:
+        counts = dict.fromkeys(self.tar_names, 0)
+        for name in self.shard:
+            if name in counts:
+                counts[name] += 1
+        return [counts[name] for name in self.tar_names]
+
+    def row(self, tar_name: str, key: str) -> int | None:
+        return self.row_by_sample.get((tar_name, key))
+
+
+def _shard_tars(spec: str) -> tuple[Path, list[Path]]:
+    """The shard directory and its tars, from a directory or a glob of .tar files."""
+    path = Path(spec)
+    tars = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path(p) for p in glob.glob(spec))
+    if not tars:
+        raise FileNotFoundError(f"data.shards={spec!r}: no .tar shards found; expected a shard "
+                                "directory (with manifest.parquet) or a glob of .tar files")
+    roots = {t.parent for t in tars}
+    if len(roots) != 1:
+        raise ValueError(f"data.shards={spec!r} matches tars in {len(roots)} directories "
+                         f"({sorted(map(str, roots))[:3]}...); a shard set is one directory")
+    return roots.pop(), tars
+
+
+def _dataset_summary(root: Path) -> dict:
+    path = root / "dataset.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _first_video_ext(tar_path: Path) -> str | None:
+    with tarfile.open(tar_path) as tar:
+        for name in tar.getnames():
+            ext = name.rsplit(".", 1)[-1]
+            if ext in CODEC_BY_EXT:
+                return ext
+    return None
+
+
+def _codec_and_exts(root: Path, first_tar: Path) -> tuple[str, tuple[str, ...]]:
+    """dataset.json's codec and video extensions, else guessed from the first tar."""
+    summary = _dataset_summary(root)
+    exts = tuple(summary.get("video_exts") or VIDEO_EXTS)
+    if summary.get("codec"):
+        return str(summary["codec"]).lower(), exts
+    ext = _first_video_ext(first_tar)
+    if ext is None:
+        raise ValueError(f"{root}: cannot tell the codec (no dataset.json codec, no .mp4/.webm "
+                         f"in {first_tar.name})")
+    return CODEC_BY_EXT[ext], exts
+
+
+def _tar_name(shard) -> str:
+    """Manifest `shard` (an index, or a file name) -> the tar's file name."""
+    return shard_name(shard) if isinstance(shard, int) else Path(str(shard)).name
+
+
+def open_shard_set(spec: str) -> ShardSet:
+    """Read a shard directory (or a glob of its tars) and its manifest.parquet."""
+    root, tars = _shard_tars(spec)
+    manifest_path = root / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} is missing; loaders need the manifest for "
+                                "video ids and frame sizes (build shards with data_tools/build_shards.py)")
+    table = pq.read_table(manifest_path).to_pydict()
+    shard = tuple(_tar_name(s) for s in table["shard"])
+    key = tuple(str(k) for k in table["key"])
+    indices = [t.with_suffix(".idx") for t in tars]
+    labels = [-1 if v is None else int(v) for v in table["label"]]
+    codec, video_exts = _codec_and_exts(root, tars[0])
+    return ShardSet(
+        root=root, tars=tuple(tars),
+        index_paths=tuple(indices) if all(p.is_file() for p in indices) else (),
+        codec=codec, video_exts=video_exts, shard=shard, key=key,
+        frames=np.asarray(table["frames"], np.int64), width=np.asarray(table["width"], np.int64),
+        height=np.asarray(table["height"], np.int64), label=np.asarray(labels, np.int64),
+        row_by_sample={(s, k): i for i, (s, k) in enumerate(zip(shard, key))})
+
+
+@dataclass
+class RawSample:
+    """One shard sample before decoding."""
+
+    shard: str  # tar file name
+    key: str
+    video: bytes | np.ndarray  # encoded video (np.uint8 [bytes] when it comes from DALI)
+    nframes_raw: bytes
+    label_raw: bytes
+
+
+@dataclass(frozen=True)
+class BadSample:
+    shard: str
+    key: str
+    reason: str
+
+
+def parse_nframes(raw: bytes) -> int:
+    """The `.nframes` component: 4 bytes, little-endian int32, >= 1."""
+    if len(raw) != 4:
+        raise ValueError(f".nframes has {len(raw)} bytes; expected 4 (little-endian int32)")
+    (n,) = struct.unpack("<i", raw)
+    if n < 1:
+        raise ValueError(f".nframes is {n}; expected >= 1")
+    return n
+
+
+def parse_label(raw: bytes) -> int:
+    """The `.cls` component: ASCII decimal; -1 when absent."""
+    text = raw.decode("ascii", "replace").strip()
+    if not text:
+        return -1
+    try:
+        return int(text)
+    except ValueError as e:
+        raise ValueError(f".cls is {text[:20]!r}; expected an ASCII decimal label") from e
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """What a sample needs before decoding: manifest row, frame count, size, label."""
+
+    video_index: int
+    nframes: int
+    width: int
+    height: int
+    label: int
+
+
+def sample_info(sample: RawSample, shards: ShardSet) -> SampleInfo:
+    """Check a raw sample and look it up; raises ValueError with the reason it is bad."""
+    if len(sample.video) == 0:
+        raise ValueError("zero-byte or missing video (.mp4/.webm)")
+    row = shards.row(sample.shard, sample.key)
+    if row is None:
+        raise ValueError(f"key not in {shards.root / 'manifest.parquet'}")
+    return SampleInfo(row, parse_nframes(bytes(sample.nframes_raw)), int(shards.width[row]),
+                      int(shards.height[row]), parse_label(bytes(sample.label_raw)))
+
+
+class BadSampleLog:
+    """Counts, logs and (in eval) lists the samples a loader could not use.
+
+    `count` counts every time a bad sample is met (a train rank that reads its share
+    twice meets it twice). MAX_BAD_IN_A_ROW failures with no good video in between stop
+    the run: that is a broken pipeline or data set, not a few bad files.
+    """
+
+    def __init__(self, mode: str, backend: str):
+        self.mode = mode
+        self.backend = backend
+        self.count = 0
+        self.in_a_row = 0
+        self.failed: list[tuple[str, str]] = []
+
+    def record(self, bad: BadSample) -> None:
+        self.count += 1
+        self.in_a_row += 1
+        action = "skipped" if self.mode == "train" else "failed (not replaced)"
+        log.warning("%s loader: bad sample %s in shard %s %s: %s", self.backend, bad.key,
+                    bad.shard, action, bad.reason)
+        if self.mode == "eval":
+            self.failed.append((bad.key, bad.reason))
+        if self.in_a_row >= MAX_BAD_IN_A_ROW:
+            raise RuntimeError(f"{self.in_a_row} samples in a row could not be used (last: "
+                               f"{bad.key} in {bad.shard}: {bad.reason}); check the shards and "
+                               "the decoder")
+
+    def record_good(self) -> None:
+        self.in_a_row = 0
+
+
+@dataclass
+class DecodedVideo:
+    """The views of one video: clips [V, 3, T, H, W] plus its label and manifest row."""
+
+    clips: torch.Tensor
+    label: int
+    video_index: int
+
+
+def assemble_batch(videos: list[DecodedVideo], empty_shape: tuple[int, ...]) -> dict:
+    """Contract batch from decoded videos; views of one video are consecutive."""
+    if not videos:
+        return {"video": torch.empty((0, *empty_shape)), "label": torch.empty(0, dtype=torch.long),
+                "video_index": torch.empty(0, dtype=torch.long),
+                "view": torch.empty(0, dtype=torch.long)}
+    views = [v.clips.shape[0] for v in videos]
+    return {
+        "video": torch.cat([v.clips for v in videos]),  # [B, 3, T, H, W]
+        "label": torch.tensor([v.label for v, n in zip(videos, views) for _ in range(n)]),
+        "video_index": torch.tensor([v.video_index for v, n in zip(videos, views) for _ in range(n)]),
+        "view": torch.cat([torch.arange(n) for n in views]),
+    }
+
+
+def train_steps_per_epoch(num_videos: int, world_size: int, videos_per_gpu: int) -> int:
+    """floor(videos / (world_size * videos_per_gpu)); raises when that is 0."""
+    steps = num_videos // (world_size * videos_per_gpu)
+    if steps < 1:
+        raise ValueError(f"{num_videos} videos cannot fill one step of {world_size} ranks x "
+                         f"{videos_per_gpu} videos_per_gpu; lower videos_per_gpu or add videos")
+    return steps
+
+
+def eval_steps_per_epoch(videos_per_rank: Iterable[int], videos_per_gpu: int) -> int:
+    """Steps for the rank with the most videos (at least 1)."""
+    return max(1, max(-(-n // videos_per_gpu) for n in videos_per_rank))
+
+
+def view_shape(data_cfg: DataConfig) -> tuple[int, int, int, int]:
+    """[3, T, H, W] of one clip."""
+    return (3, data_cfg.num_frames, data_cfg.image_size, data_cfg.image_size)
+
+
+def views_per_video(data_cfg: DataConfig, mode: str) -> int:
+    if mode == "train":
+        return data_cfg.num_sample
+    return data_cfg.test_num_segment * data_cfg.test_num_crop
+
+
+def check_loader_args(data_cfg: DataConfig, videos_per_gpu: int, rank: int, world_size: int,
+                      mode: str, start_step: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: accepted values are {list(MODES)}")
+    if videos_per_gpu < 1:
+        raise ValueError(f"videos_per_gpu={videos_per_gpu}: must be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step}: must be >= 0")
+    if mode == "eval" and start_step:
+        raise ValueError(f"start_step={start_step}: eval loaders always start at step 0")
+    if mode == "eval" and data_cfg.image_size > data_cfg.short_side:
+        raise ValueError(f"data.image_size={data_cfg.image_size} > data.short_side="
+                         f"{data_cfg.short_side}: eval crops image_size squares from frames "
+                         "whose short side is short_side")
+
+
+def dali_unavailable_reason(codec: str, device: torch.device | None) -> str | None:
+    """Why DALI cannot decode `codec` here, or None when it can."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        return f"nvidia.dali does not import ({e}); install the 'dali' extra"
+    on_gpu = device is not None and device.type == "cuda" and torch.cuda.is_available()
+    if codec not in DALI_CPU_CODECS and not on_gpu:
+        return (f"codec {codec!r} needs DALI's GPU decoder (device='mixed') and there is no CUDA "
+                f"device; DALI's CPU decoder handles only {list(DALI_CPU_CODECS)}")
+    return None
+
+
+def choose_backend(requested: str, codec: str, device: torch.device | None) -> tuple[str, str]:
+    """(backend, why) for data.backend = `requested`."""
+    if requested not in BACKENDS:
+        raise ValueError(f"data.backend={requested!r}: build_loader accepts {list(BACKENDS)}")
+    if requested == "fallback":
+        return "fallback", "data.backend='fallback'"
+    reason = dali_unavailable_reason(codec, device)
+    if requested == "dali":
+        if reason:
+            raise ValueError(f"data.backend='dali' cannot run here: {reason}")
+        return "dali", "data.backend='dali'"
+    if reason:
+        return "fallback", f"auto: {reason}"
+    where = "GPU (mixed)" if device is not None and device.type == "cuda" else "CPU"
+    return "dali", f"auto: DALI imports and decodes {codec} on the {where}"
+
+
+def build_loader(data_cfg: DataConfig, videos_per_gpu: int, rank: int, world_size: int,
+                 mode: str = "train", seed: int = 0, epoch: int = 0, start_step: int = 0,
+                 device: torch.device | str | None = None):
+    """The input pipeline for one rank: a DaliLoader or a FallbackLoader (see module doc)."""
+    check_loader_args(data_cfg, videos_per_gpu, rank, world_size, mode, start_step)
+    device = torch.device(device) if device is not None else None
+    shards = open_shard_set(data_cfg.shards)
+    backend, why = choose_backend(data_cfg.backend, shards.codec, device)
+    log.info("input pipeline for rank %d (%s mode): %s backend, because %s", rank, mode,
+             backend, why)
+    if backend == "dali":
+        from vmaescale.data.dali import DaliLoader
+        return DaliLoader(shards, data_cfg, videos_per_gpu, rank, world_size, mode, seed, epoch,
+                          start_step, device)
+    from vmaescale.data.fallback import FallbackLoader
+    return FallbackLoader(shards, data_cfg, videos_per_gpu, rank, world_size, mode, seed, epoch,
+                          start_step)
+
+
+def batches_from_videos(videos: Iterator[DecodedVideo | BadSample], bad_log: BadSampleLog,
+                        videos_per_batch: int, steps: int, empty_shape: tuple[int, ...],
+                        finite: bool) -> Iterator[dict]:
+    """`steps` batches of `videos_per_batch` videos; bad samples are recorded, never batched.
+
+    A finite stream (eval) that runs out leaves the remaining steps short or empty; after
+    the last step it is drained so that failures at its very end are recorded too.
+    """
+    for _ in range(steps):
+        batch: list[DecodedVideo] = []
+        for item in videos:
+            if isinstance(item, BadSample):
+                bad_log.record(item)
+                continue
+            bad_log.record_good()
+            batch.append(item)
+            if len(batch) == videos_per_batch:
+                break
+        yield assemble_batch(batch, empty_shape)
+    if finite:
+        for item in videos:
+            if not isinstance(item, BadSample):
+                raise RuntimeError(f"video {item.video_index} is left over after {steps} eval "
+                                   "steps; the step count is wrong")
+            bad_log.record(item)
