@@ -1,0 +1,113 @@
+"""Synthetic videos whose class is a motion: direction x speed of moving shapes.
+
+Each clip shows 1-3 coloured discs or squares over a static textured background. All
+shapes move with the class velocity and wrap around the frame edges. Appearance (the
+texture, the shapes, their start positions) comes from the clip's seed alone, so clips of
+every class with the same seed have identical first frames: no single frame tells the
+class, only the motion does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vmaescale.data.video_io import codec_by_name, encode_video
+
+# Interleaved so that the first K classes differ in direction first, then in speed.
+CLASS_NAMES = ("left_slow", "right_slow", "left_fast", "right_fast",
+               "up_slow", "down_slow", "up_fast", "down_fast")
+_DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+_SPEEDS_PER_FRAME = {"slow": 0.005, "fast": 0.015}  # fraction of the frame size per frame
+
+
+def class_names(classes: int) -> list[str]:
+    """The first `classes` motion classes (2 to 8)."""
+    if not 2 <= classes <= len(CLASS_NAMES):
+        raise ValueError(f"classes={classes} is not supported; use 2 to {len(CLASS_NAMES)}")
+    return list(CLASS_NAMES[:classes])
+
+
+def class_velocity(class_name: str, size: int) -> tuple[float, float]:
+    """(vx, vy) in pixels per frame for a class such as 'left_slow'."""
+    direction, _, speed = class_name.partition("_")
+    if direction not in _DIRECTIONS or speed not in _SPEEDS_PER_FRAME:
+        raise ValueError(f"class {class_name!r} is not one of {CLASS_NAMES}")
+    dx, dy = _DIRECTIONS[direction]
+    step = _SPEEDS_PER_FRAME[speed] * size
+    return dx * step, dy * step
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A static texture: three coloured periodic gratings plus fine noise -> float32 [H, W, 3]."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image = np.full((size, size, 3), rng.uniform(60, 190, 3), np.float32)
+    for _ in range(3):
+        fx, fy = rng.integers(-4, 5, 2)
+        wave = np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
+        image += wave[..., None] * rng.uniform(-35, 35, 3).astype(np.float32)
+    return image + rng.normal(0, 8, (size, size, 3)).astype(np.float32)
+
+
+def _shape_alpha(dx: np.ndarray, dy: np.ndarray, radius: float, is_square: bool) -> np.ndarray:
+    """Anti-aliased coverage of a disc or square at offsets dx [W], dy [H] -> [H, W, 1]."""
+    if is_square:
+        edge = np.maximum(abs(dx)[None, :], abs(dy)[:, None])
+    else:
+        edge = np.sqrt(dx[None, :] ** 2 + dy[:, None] ** 2)
+    return np.clip(radius + 0.5 - edge, 0, 1)[..., None]
+
+
+def _draw_shape(frames: np.ndarray, rng: np.random.Generator, velocity: tuple[float, float]) -> None:
+    """Draw one disc or square moving at `velocity` into frames [T, H, W, 3], wrapping at edges."""
+    size = frames.shape[1]
+    x0, y0 = rng.uniform(0, size, 2)
+    radius = rng.uniform(0.08, 0.15) * size
+    colour = rng.uniform(0, 255, 3).astype(np.float32)
+    is_square = rng.random() < 0.5
+    half = int(np.ceil(radius)) + 2
+    window = np.arange(-half, half + 1)
+    for t, frame in enumerate(frames):
+        cx, cy = x0 + velocity[0] * t, y0 + velocity[1] * t
+        ix, iy = int(np.floor(cx)), int(np.floor(cy))
+        alpha = _shape_alpha(ix + window - cx, iy + window - cy, radius, is_square)
+        rows, cols = np.ix_((iy + window) % size, (ix + window) % size)
+        frame[rows, cols] = frame[rows, cols] * (1 - alpha) + alpha * colour
+
+
+def render_clip(class_name: str, seed: int, size: int = 160, frames: int = 48) -> np.ndarray:
+    """One clip of `class_name` -> uint8 [T, H, W, 3]; appearance depends on `seed` only."""
+    if size < 16 or size % 2:
+        raise ValueError(f"size={size} must be even and >= 16")
+    if frames < 1:
+        raise ValueError(f"frames={frames} must be >= 1")
+    velocity = class_velocity(class_name, size)
+    rng = np.random.default_rng(seed)
+    clip = np.repeat(_background(rng, size)[None], frames, axis=0)  # [T, H, W, 3]
+    for _ in range(rng.integers(1, 4)):
+        _draw_shape(clip, rng, velocity)
+    return np.clip(clip, 0, 255).astype(np.uint8)
+
+
+def clip_seed(seed: int, index: int) -> int:
+    """Appearance seed of video `index` in a set generated with `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def write_synthetic_videos(out_dir: str | Path, n: int, codec: str = "vp9", size: int = 160,
+                           frames: int = 48, fps: float = 25, classes: int = 4, seed: int = 0,
+                           gop: int = 16) -> list[Path]:
+    """Write `n` videos as OUT/<class>/<index>.<ext>, classes assigned round-robin."""
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    ext = codec_by_name(codec).ext
+    names = class_names(classes)
+    paths = []
+    for index in range(n):
+        name = names[index % classes]
+        path = Path(out_dir) / name / f"{index:06d}.{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clip = render_clip(name, clip_seed(seed, index), size, frames)
+        paths.append(encode_video(path, clip, fps, codec, gop))
+    return paths
