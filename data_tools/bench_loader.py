@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import logging
 import os
 import platform
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -62,9 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard directory; default: build a synthetic VP9 set")
-    p.add_argument("--videos", type=int, default=24, help="synthetic videos to build")
+    p.add_argument("--videos", type=int, default=40, help="synthetic videos to build")
     p.add_argument("--video-size", type=int, default=160, help="synthetic video side (px)")
-    p.add_argument("--video-frames", type=int, default=80, help="synthetic video length")
+    p.add_argument("--video-frames", type=int, default=64, help="synthetic video length")
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--sampling-rate", type=int, default=4)
     p.add_argument("--image-size", type=int, default=112)
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--videos-per-gpu", type=int, default=4)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="DataLoader workers (fallback) / decoder threads (DALI)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per backend")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per backend")
     p.add_argument("--backends", default="dali,fallback", help="comma-separated")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: DALI decodes on the GPU ('mixed')")
@@ -97,28 +99,31 @@ def data_config(shards: Path, backend: str, args: argparse.Namespace) -> DataCon
                       num_sample=args.num_sample, num_workers=args.workers, shuffle_buffer=16)
 
 
+def train_batches(loader) -> Iterator[dict]:
+    """Batches of epoch 0, 1, 2, ... without end."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
 def bench_backend(shards: Path, backend: str, args: argparse.Namespace,
                   device: torch.device) -> BenchResult:
     """Time `args.steps` train steps after one warm-up step (pipeline build, first decode)."""
     cfg = data_config(shards, backend, args)
     loader = build_loader(cfg, args.videos_per_gpu, 0, 1, mode="train", device=device)
-    steps = min(args.steps, loader.steps_per_epoch - 1)
-    if steps < 1:
-        raise ValueError(f"{loader.steps_per_epoch} steps per epoch leave none to time after the "
-                         "warm-up; add --videos or lower --videos-per-gpu")
-    batches = iter(loader)
+    batches = train_batches(loader)
     next(batches)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
         batch = next(batches)
     if batch["video"].is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    videos = steps * args.videos_per_gpu
+    videos = args.steps * args.videos_per_gpu
     on_gpu = backend == "dali" and device.type == "cuda"
-    return BenchResult(backend, "gpu (mixed)" if on_gpu else "cpu",
-                       loader.num_workers if backend == "fallback" else max(1, args.workers),
-                       steps, seconds, videos, videos * args.num_sample, videos * args.num_frames)
+    threads = loader.num_workers if backend == "fallback" else max(1, args.workers)
+    return BenchResult(backend, "gpu (mixed)" if on_gpu else "cpu", threads, args.steps, seconds,
+                       videos, videos * args.num_sample, videos * args.num_frames)
 
 
 def available_backends(requested: list[str], codec: str, device: torch.device) -> list[str]:
@@ -161,7 +166,8 @@ def results_table(results: list[BenchResult]) -> str:
 def report(results: list[BenchResult], args: argparse.Namespace, shards_note: str,
            device: torch.device) -> str:
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{cpu_model()}, {os.cpu_count()} cores")
+             else f"{cpu_model()}, {os.cpu_count()} cores "
+                  f"(1-min load average {os.getloadavg()[0]:.1f} at the end)")
     setup = (f"clips of {args.num_frames} frames at stride {args.sampling_rate}, "
              f"{args.image_size} px, {args.num_sample} clips per video, "
              f"{args.videos_per_gpu} videos per step")

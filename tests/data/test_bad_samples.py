@@ -44,7 +44,8 @@ def planted_samples(good: dict) -> dict[str, dict]:
         "planted_zero_bytes": {**base, "webm": b""},
         "planted_truncated": {**base, "webm": truncated},
         "planted_not_a_video": {**base, "webm": b"these bytes are text, not a webm file\n" * 8},
-        "planted_bad_nframes": {"nframes": b"\x18\x00\x00", "cls": good["cls"], "webm": good["webm"]},
+        "planted_bad_nframes": {"nframes": b"\x18\x00\x00", "cls": good["cls"],
+                                "webm": good["webm"]},
     }
 
 

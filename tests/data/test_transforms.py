@@ -24,7 +24,8 @@ def test_multi_scale_crop_sizes_follow_group_multi_scale_crop():
 
 
 def test_crop_sizes_within_3px_of_the_output_snap_to_it():
-    sizes = {w for w, _ in multi_scale_crop_sizes(226, 300, 224)}  # 226 -> 224 (snap); 197, 169, 149
+    # base 226: int(226 * scale) = 226 (within 3 px of 224, so 224), 197, 169, 149
+    sizes = {w for w, _ in multi_scale_crop_sizes(226, 300, 224)}
     assert sizes == {224, 197, 169, 149}
 
 
@@ -71,8 +72,8 @@ def test_short_side_resize_truncates_the_long_side():
 
 
 def test_three_crops_run_along_the_long_side():
-    assert spatial_crop_boxes(297, 224, 224, 3) == [CropBox(0, 0, 224, 224), CropBox(36, 0, 224, 224),
-                                                    CropBox(73, 0, 224, 224)]
+    assert spatial_crop_boxes(297, 224, 224, 3) == [
+        CropBox(0, 0, 224, 224), CropBox(36, 0, 224, 224), CropBox(73, 0, 224, 224)]
     assert spatial_crop_boxes(32, 42, 32, 3) == [CropBox(0, 0, 32, 32), CropBox(0, 5, 32, 32),
                                                  CropBox(0, 10, 32, 32)]
     assert spatial_crop_boxes(297, 256, 224, 1) == [CropBox(36, 16, 224, 224)]

@@ -25,9 +25,9 @@ padded silently.
 The reader reads `.nframes` as raw bytes (UINT8) and the host parses them: with
 dtypes=INT32 a single malformed `.nframes` fails the reader's build for the whole shard set.
 
-The epoch's shard and shuffle: train epochs read shard_id = (rank + epoch) % world_size
-(DALI's own rotation of shards across epochs, made explicit because a reader is built per
-epoch) with a reader seed derived from (seed, epoch).
+The epoch's shard and shuffle: a reader is built per epoch, so train epochs rotate the
+shards themselves (shard_id = (rank + epoch) % world_size, what stick_to_shard=False does
+inside one long-lived reader) and seed the shuffle from (seed, epoch).
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def decode_pipeline(cfg: DataConfig, mode: str, batch_size: int, device_id: int 
         frames = fn.decoders.video(video, device=decode_device, frames=indices,
                                    pad_mode="none")  # uint8 [T or S*T, H, W, 3]
         if mode == "train":
-            boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)  # [ns, 4] y0 x0 y1 x1
+            # [num_sample, 4]: y0, x0, y1, x1 of each clip's box
+            boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
             clips = [_normalized(fn.resize(frames, size=[cfg.image_size] * 2,
                                            roi_start=boxes[k, 0:2], roi_end=boxes[k, 2:4],
                                            roi_relative=False))
@@ -150,6 +151,13 @@ def _dali_error_reason(error: Exception) -> str:
     return "DALI: " + " ".join(text.split())
 
 
+def cuda_device_id(device: torch.device | None) -> int | None:
+    """The CUDA device index DALI should use, or None for a CPU-only pipeline."""
+    if device is None or device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     """A dense DALI TensorList -> torch tensor on `device` (copied)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -163,11 +171,10 @@ class DaliVideoDecoder:
 
     def __init__(self, cfg: DataConfig, mode: str, batch_size: int, device: torch.device | None,
                  seed: int, epoch: int):
-        self.cfg, self.mode, self.batch_size, self.seed, self.epoch = cfg, mode, batch_size, seed, epoch
-        on_gpu = device is not None and device.type == "cuda"
-        self.device = device if on_gpu else torch.device("cpu")
-        self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
-            if on_gpu else None
+        self.cfg, self.mode, self.batch_size = cfg, mode, batch_size
+        self.seed, self.epoch = seed, epoch
+        self.device_id = cuda_device_id(device)
+        self.device = device if self.device_id is not None else torch.device("cpu")
         self.pipe = None
 
     def __call__(self, items: list[tuple[RawSample, SampleInfo]]) -> list[DecodedVideo | BadSample]:
@@ -191,7 +198,8 @@ class DaliVideoDecoder:
         for name in feeds[0]:
             self.pipe.feed_input(name, [f[name] for f in feeds])
         clips, shapes = self.pipe.run()
-        clips = _to_torch(clips, self.device)  # train [n, ns, 3, T, S, S]; eval [n, K, 3, S*T, C, C]
+        # train [n, num_sample, 3, T, S, S]; eval [n, K, 3, S*T, C, C]
+        clips = _to_torch(clips, self.device)
         return clips, [np.array(shapes[i]) for i in range(len(items))]
 
     def _feed(self, sample: RawSample, info: SampleInfo) -> dict[str, np.ndarray]:
@@ -213,8 +221,9 @@ class DaliVideoDecoder:
                  shape: np.ndarray) -> DecodedVideo | BadSample:
         height, width = int(shape[1]), int(shape[2])
         if (width, height) != (info.width, info.height):
-            return BadSample(sample.shard, sample.key, f"decoded frames are {width}x{height}; "
-                                                       f"the manifest says {info.width}x{info.height}")
+            reason = (f"decoded frames are {width}x{height}; the manifest says "
+                      f"{info.width}x{info.height}")
+            return BadSample(sample.shard, sample.key, reason)
         if self.mode == "eval":
             segments, frames = self.cfg.test_num_segment, self.cfg.num_frames
             clips = clips.unflatten(2, (segments, frames))  # [K, 3, S, T, C, C]
@@ -228,20 +237,24 @@ def _in_background(batches: Iterator[dict], depth: int) -> Iterator[dict]:
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Queue `item` unless the consumer has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        ready.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(batch):
                     return
-            ready.put(done)
+            put(done)
         except BaseException as e:  # handed to the consumer, which re-raises it
-            ready.put(e)
+            put(e)
 
     thread = threading.Thread(target=produce, name="dali-loader", daemon=True)
     thread.start()
@@ -264,7 +277,8 @@ class DaliLoader:
                  world_size: int, mode: str, seed: int, epoch: int, start_step: int,
                  device: torch.device | None):
         self.shards, self.cfg, self.mode, self.device = shards, data_cfg, mode, device
-        self.videos_per_gpu, self.rank, self.world_size, self.seed = videos_per_gpu, rank, world_size, seed
+        self.videos_per_gpu, self.rank, self.world_size = videos_per_gpu, rank, world_size
+        self.seed = seed
         probe = reader_pipeline(shards, 1, 0, 1, 0, 0)
         self.reader_samples = int(probe.reader_meta("reader")["epoch_size"])
         del probe
@@ -272,7 +286,8 @@ class DaliLoader:
             self.steps_per_epoch = train_steps_per_epoch(shards.num_videos, world_size,
                                                          videos_per_gpu)
         else:
-            shares = [dali_shard_size(self.reader_samples, r, world_size) for r in range(world_size)]
+            shares = [dali_shard_size(self.reader_samples, r, world_size)
+                      for r in range(world_size)]
             self.steps_per_epoch = eval_steps_per_epoch(shares, videos_per_gpu)
         self._bad = BadSampleLog(mode, self.backend)
         self.set_epoch(epoch, start_step)
@@ -325,5 +340,5 @@ class DaliLoader:
             yield from decoder(ready)
 
     def _batches(self) -> Iterator[dict]:
-        return batches_from_videos(self._decoded_videos(), self._bad, self.videos_per_gpu, len(self),
-                                   view_shape(self.cfg), finite=self.mode == "eval")
+        return batches_from_videos(self._decoded_videos(), self._bad, self.videos_per_gpu,
+                                   len(self), view_shape(self.cfg), finite=self.mode == "eval")

@@ -9,7 +9,9 @@ r mod world_size. DataLoader workers then split the rank's tars with
 Order: train mode reshuffles the tar order and mixes samples in a `shuffle_buffer`, all
 from generators seeded by (seed, epoch, rank, worker, pass), and reads its tars again when
 the epoch needs more samples than the rank holds. The DataLoader takes videos from its
-workers round-robin, so the stream is a function of (seed, epoch, rank, num_workers).
+workers round-robin, so the stream is a function of (seed, epoch, rank, num_workers), and
+a worker whose tars hold fewer samples starts its next pass sooner: with uneven tars an
+epoch can repeat a few samples and leave out as many (few, with many tars per worker).
 `start_step` skips start_step * videos_per_gpu videos by reading their tar members
 without decoding them (exact unless a skipped sample was bad).
 """

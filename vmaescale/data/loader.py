@@ -143,7 +143,7 @@ def open_shard_set(spec: str) -> ShardSet:
     manifest_path = root / "manifest.parquet"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing; loaders need the manifest for "
-                                "video ids and frame sizes (build shards with data_tools/build_shards.py)")
+                                "video ids and frame sizes (data_tools/build_shards.py writes it)")
     table = pq.read_table(manifest_path).to_pydict()
     shard = tuple(_tar_name(s) for s in table["shard"])
     key = tuple(str(k) for k in table["key"])
@@ -264,14 +264,15 @@ class DecodedVideo:
 def assemble_batch(videos: list[DecodedVideo], empty_shape: tuple[int, ...]) -> dict:
     """Contract batch from decoded videos; views of one video are consecutive."""
     if not videos:
-        return {"video": torch.empty((0, *empty_shape)), "label": torch.empty(0, dtype=torch.long),
-                "video_index": torch.empty(0, dtype=torch.long),
-                "view": torch.empty(0, dtype=torch.long)}
+        empty = torch.empty(0, dtype=torch.long)
+        return {"video": torch.empty((0, *empty_shape)), "label": empty, "video_index": empty,
+                "view": empty}
     views = [v.clips.shape[0] for v in videos]
     return {
         "video": torch.cat([v.clips for v in videos]),  # [B, 3, T, H, W]
         "label": torch.tensor([v.label for v, n in zip(videos, views) for _ in range(n)]),
-        "video_index": torch.tensor([v.video_index for v, n in zip(videos, views) for _ in range(n)]),
+        "video_index": torch.tensor([v.video_index for v, n in zip(videos, views)
+                                     for _ in range(n)]),
         "view": torch.cat([torch.arange(n) for n in views]),
     }
 
@@ -293,12 +294,6 @@ def eval_steps_per_epoch(videos_per_rank: Iterable[int], videos_per_gpu: int) ->
 def view_shape(data_cfg: DataConfig) -> tuple[int, int, int, int]:
     """[3, T, H, W] of one clip."""
     return (3, data_cfg.num_frames, data_cfg.image_size, data_cfg.image_size)
-
-
-def views_per_video(data_cfg: DataConfig, mode: str) -> int:
-    if mode == "train":
-        return data_cfg.num_sample
-    return data_cfg.test_num_segment * data_cfg.test_num_crop
 
 
 def check_loader_args(data_cfg: DataConfig, videos_per_gpu: int, rank: int, world_size: int,

@@ -163,7 +163,8 @@ def eval_view(nframes: int, width: int, height: int, num_frames: int, stride: in
     """Frames of all segments, the short-side resize and the spatial crops for one video."""
     resized_wh = short_side_resize_wh(width, height, short_side)
     boxes = tuple(spatial_crop_boxes(*resized_wh, image_size, num_crops))
-    return EvalView(eval_frame_indices(nframes, num_frames, stride, num_segments), resized_wh, boxes)
+    indices = eval_frame_indices(nframes, num_frames, stride, num_segments)
+    return EvalView(indices, resized_wh, boxes)
 
 
 def crop_resize(frames: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
