@@ -38,7 +38,9 @@ def init_distributed(env: DistEnv) -> torch.device:
     """Start the process group (nccl on GPU, gloo/ccl on CPU) and return this rank's device."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
 
+    ds_logger.setLevel(os.environ.get("VMAESCALE_DS_LOG_LEVEL", "WARNING"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
