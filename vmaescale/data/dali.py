@@ -115,7 +115,8 @@ def decode_pipeline(cfg: DataConfig, mode: str, batch_size: int, device_id: int 
             clips = [_normalized(fn.slice(resized, start=crop_yx[k], shape=[cfg.image_size] * 2,
                                           axis_names="HW"))
                      for k in range(cfg.test_num_crop)]  # each [3, S*T, C, C]
-        return fn.stack(*clips), frames.shape(device="cpu")
+        # a GPU -> CPU edge needs DALI's dynamic executor: keep the shapes on the frames' device
+        return fn.stack(*clips), frames.shape(device="cpu" if device_id is None else "gpu")
 
     pipe = decode()
     pipe.build()
@@ -198,6 +199,7 @@ class DaliVideoDecoder:
         for name in feeds[0]:
             self.pipe.feed_input(name, [f[name] for f in feeds])
         clips, shapes = self.pipe.run()
+        shapes = shapes if self.device_id is None else shapes.as_cpu()
         # train [n, num_sample, 3, T, S, S]; eval [n, K, 3, S*T, C, C]
         clips = _to_torch(clips, self.device)
         return clips, [np.array(shapes[i]) for i in range(len(items))]
