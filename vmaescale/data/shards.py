@@ -335,7 +335,7 @@ def _encode_sample(task: SampleTask, data: bytes) -> EncodedSample:
 
 
 def prepare_sample(task: SampleTask) -> Union[EncodedSample, Reject]:
-    """Read, check and (unless passthrough) transcode one input; never raises VideoError."""
+    """Read, check and (unless passthrough) transcode one input; input problems become Rejects."""
     try:
         data = Path(task.source).read_bytes()
     except OSError as e:
@@ -344,6 +344,8 @@ def prepare_sample(task: SampleTask) -> Union[EncodedSample, Reject]:
         return _encode_sample(task, data)
     except VideoError as e:
         return Reject(task.source, e.reason, e.detail)
+    except av.FFmpegError as e:  # e.g. a pixel format swscale cannot convert
+        return Reject(task.source, "unreadable", f"FFmpeg failed on it: {e}")
 
 
 # ---------------------------------------------------------------------------- files
@@ -353,7 +355,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def _split_member_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
     """(sample base name, extension) split at the first dot of the file name, as wds2idx does."""
     dot = name.find(".", name.rfind("/") + 1)
     return name[:dot], name[dot + 1:]
@@ -365,7 +367,7 @@ def dali_index_text(tar_path: Union[str, Path]) -> str:
     last_base = None
     with tarfile.open(tar_path) as tar:
         for member in tar:
-            base, ext = _split_member_name(member.name)
+            base, ext = split_member_name(member.name)
             if not member.isreg() or not base or base.endswith("/"):
                 continue
             entry = f"{ext} {member.offset_data} {member.size} {member.name}"
@@ -466,7 +468,7 @@ def _start_or_check_plan(out_dir: Path, plan: dict) -> None:
     path = out_dir / BUILD_DIR / "plan.json"
     if path.exists():
         previous = json.loads(path.read_text())
-        changed = sorted(k for k in plan if previous.get(k) != plan[k])
+        changed = sorted(k for k in plan if k != "options" and previous.get(k) != plan[k])
         changed += sorted(f"options.{k}" for k in plan["options"]
                           if previous.get("options", {}).get(k) != plan["options"][k])
         if changed:
@@ -586,12 +588,19 @@ def build_shards(source: Union[str, Path], out_dir: Union[str, Path],
                         time.monotonic() - started)
 
 
+def _human_bytes(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
 def format_summary(summary: BuildSummary) -> str:
     """A one-screen report of a build."""
     rejects = sum(summary.rejects_by_reason.values())
     lines = [f"shards written to {summary.out_dir}",
              f"  samples   {summary.samples} in {summary.shards} shards, {summary.classes} classes",
-             f"  bytes     {summary.total_bytes / 1e6:.1f} MB of video",
+             f"  bytes     {_human_bytes(summary.total_bytes)} of video",
              f"  rejects   {rejects}"]
     lines += [f"    {reason:<16}{summary.rejects_by_reason[reason]}"
               for reason in REJECT_REASONS if reason in summary.rejects_by_reason]

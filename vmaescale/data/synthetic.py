@@ -107,7 +107,6 @@ def write_synthetic_videos(out_dir: str | Path, n: int, codec: str = "vp9", size
     for index in range(n):
         name = names[index % classes]
         path = Path(out_dir) / name / f"{index:06d}.{ext}"
-        path.parent.mkdir(parents=True, exist_ok=True)
         clip = render_clip(name, clip_seed(seed, index), size, frames)
         paths.append(encode_video(path, clip, fps, codec, gop))
     return paths

@@ -310,6 +310,7 @@ def encode_video(path: Union[str, Path], frames: np.ndarray, fps: float, codec: 
     """Write uint8 [T, H, W, 3] RGB `frames` to `path` as h264 (.mp4) or vp9 (.webm)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     encoder = VideoEncoder(path, codec, fps, frames.shape[2], frames.shape[1], gop)
     for frame in frames:
         encoder.add(frame)
