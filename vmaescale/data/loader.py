@@ -322,8 +322,10 @@ def dali_unavailable_reason(codec: str, device: torch.device | None) -> str | No
         return f"nvidia.dali does not import ({e}); install the 'dali' extra"
     on_gpu = device is not None and device.type == "cuda" and torch.cuda.is_available()
     if codec not in DALI_CPU_CODECS and not on_gpu:
-        return (f"codec {codec!r} needs DALI's GPU decoder (device='mixed') and there is no CUDA "
-                f"device; DALI's CPU decoder handles only {list(DALI_CPU_CODECS)}")
+        missing = ("the loader was given no CUDA device" if torch.cuda.is_available()
+                   else "there is no CUDA device")
+        return (f"codec {codec!r} needs DALI's GPU decoder (device='mixed') and {missing}; "
+                f"DALI's CPU decoder handles only {list(DALI_CPU_CODECS)}")
     return None
 
 
