@@ -317,8 +317,8 @@ def _passthrough_ext(source: str, data: bytes) -> str:
     if suffix in VIDEO_SUFFIXES:
         return suffix[1:]
     with open_container(data) as container:
-        return {"mov": "mp4", "matroska": "mkv"}.get(container.format.name.split(",")[0],
-                                                     container.format.name.split(",")[0])
+        format_name = container.format.name.split(",")[0]  # e.g. "mov" of "mov,mp4,m4a,..."
+    return {"mov": "mp4", "matroska": "mkv"}.get(format_name, format_name)
 
 
 def _encode_sample(task: SampleTask, data: bytes) -> EncodedSample:
@@ -352,6 +352,7 @@ def prepare_sample(task: SampleTask) -> Union[EncodedSample, Reject]:
 
 
 def shard_name(index: int) -> str:
+    """File name of shard `index`: shard-000000.tar, ..."""
     return f"shard-{index:06d}.tar"
 
 
@@ -422,6 +423,7 @@ class ShardWriter:
         return bool(self.rows) and limit is not None and self.size_bytes + sample.tar_bytes() > limit
 
     def add(self, sample: EncodedSample) -> None:
+        """Append a sample's members to the temporary tar and its row to the shard's rows."""
         if self.tar is None:
             self.tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
         for name, payload in sample.members():
@@ -433,6 +435,7 @@ class ShardWriter:
         self.size_bytes += sample.tar_bytes()
 
     def reject(self, reject: Reject) -> None:
+        """Record an input consumed by this shard that gave no sample."""
         self.rejects.append(dataclasses.asdict(reject))
 
     def commit(self, input_end: int) -> None:
@@ -557,6 +560,7 @@ def _write_outputs(out_dir: Path, sidecars: list[dict], labels: dict, options: B
 
 
 def default_workers() -> int:
+    """min(4, CPU count)."""
     return min(4, os.cpu_count() or 1)
 
 
