@@ -1,4 +1,5 @@
-"""Check a shard set and print its statistics; exit status 1 if any shard is unusable.
+"""Check a shard set and print its statistics; exit status 1 if any shard is unusable
+(2 if DIR is not a shard set).
 
     python data_tools/inspect_shards.py shards/
 
@@ -24,7 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = inspect_shards(args.directory, decode=not args.no_decode)
+    try:
+        report = inspect_shards(args.directory, decode=not args.no_decode)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_report(report))
     return 0 if report.ok else 1
 
