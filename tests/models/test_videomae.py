@@ -202,6 +202,9 @@ def test_classifier_loads_the_encoder_of_a_pretraining_model():
     broken = {k: v for k, v in pre.state_dict().items() if "blocks.0.norm1" not in k}
     with pytest.raises(KeyError, match="blocks.0.norm1"):
         clf.load_pretrained_encoder(broken)
+    extra = {**pre.state_dict(), "encoder.blocks.0.gamma_1": torch.ones(64)}
+    with pytest.raises(KeyError, match="gamma_1"):
+        clf.load_pretrained_encoder(extra)
 
 
 def test_model_package_imports_no_deepspeed_dali_or_mlflow():

@@ -13,6 +13,10 @@ from vmaescale.models.sizes import ModelSize
 from vmaescale.models.vit import PatchEmbed, make_blocks, run_blocks, sinusoid_table
 
 
+# Pretraining / finetune keys that are not part of the classifier's encoder.
+NOT_ENCODER_PREFIXES = ("decoder.", "encoder_to_decoder.", "mask_token", "norm.", "fc_norm.", "head.")
+
+
 class VideoClassifier(nn.Module):
     def __init__(self, size: ModelSize, num_classes: int, num_frames: int = 16,
                  image_size: int = 224, drop_path: float = 0.1, head_dropout: float = 0.0,
@@ -53,14 +57,17 @@ class VideoClassifier(nn.Module):
         encoder weight is an error that lists the missing keys.
         """
         wanted = {k for k in self.state_dict() if not k.startswith(("fc_norm.", "head."))}
-        encoder = {}
+        encoder, unexpected = {}, []
         for key, value in state_dict.items():
             bare = key[len("encoder."):] if key.startswith("encoder.") else key
             if bare in wanted:
                 encoder[bare] = value
+            elif not bare.startswith(NOT_ENCODER_PREFIXES):
+                unexpected.append(key)
         missing = sorted(wanted - set(encoder))
-        if missing:
-            raise KeyError(f"pretrained state dict lacks encoder weights: {missing}")
+        if missing or unexpected:
+            raise KeyError(f"pretrained state dict does not fit the encoder: missing {missing}, "
+                           f"unexpected {sorted(unexpected)}")
         self.load_state_dict(encoder, strict=False)
 
 
