@@ -6,8 +6,9 @@ A shard set is a directory:
 
     shard-000000.tar, shard-000001.tar, ...   WebDataset tars
     shard-000000.idx, ...                      DALI index files (wds2idx)
-    manifest.parquet                           one row per sample: shard, key, label, frames,
-                                               fps, width, height, bytes, source
+    manifest.parquet                           one row per sample: shard (index; the file is
+                                               shard_name(shard)), key, label, frames, fps,
+                                               width, height, bytes, source
     labels.json                                {"class name": index, ...} (empty when unlabeled)
     rejects.parquet                            one row per unusable input: source, reason
     dataset.json                               summary: codec, counts, build options
@@ -27,6 +28,9 @@ Batch contract (both loaders, every mode)
     batch["view"]         int64 [B], view number within the video (train: repeated-sample
                           index; eval: temporal_index * num_crops + spatial_index)
 
-In train mode B = videos_per_gpu * num_sample. Loaders expose `steps_per_epoch` (equal on
-every rank), `bad_samples` (samples skipped on this rank) and `backend`.
+In train mode B = videos_per_gpu * num_sample; in eval mode B = videos x segments x crops,
+and a rank's last batches can be short or empty. Loaders expose `steps_per_epoch` (equal
+on every rank), `bad_samples` (samples skipped on this rank), `failed` (eval: (key,
+reason) of videos that could not be decoded), `set_epoch(epoch, start_step=0)` and
+`backend`.
 """
