@@ -68,6 +68,13 @@ def test_zero_stage_trains_checkpoints_and_consolidates(tmp_path, stage):
     assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
     model = load_model_dir(out / "final")
     assert model.size.embed_dim == 64
+    assert (out / "reconstructions" / "step_00000004.png").is_file()
+    run_id = json.loads((out / "checkpoints" / "step_00000004" / "complete.json").read_text())["run_state"]["mlflow_run_id"]
+    from mlflow.tracking import MlflowClient
+    mlflow_run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert {"loss", "lr", "grad_norm", "mfu", "data_wait_frac", "recon_psnr", "recon_ssim"} <= set(mlflow_run.data.metrics)
+    assert mlflow_run.data.params["train.zero_stage"] == str(stage)
+    assert mlflow_run.data.tags["world_size"] == "2" and mlflow_run.info.status == "FINISHED"
     assert json.loads((out / "final" / "config.json").read_text())["train"]["zero_stage"] == stage
 
 
