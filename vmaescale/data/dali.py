@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from vmaescale.config import DataConfig
-from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, RawSample, SampleInfo,
+from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample, SampleInfo,
                                    ShardSet, batches_from_videos, eval_steps_per_epoch,
                                    sample_info, train_steps_per_epoch, view_shape)
 from vmaescale.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_view, train_view
@@ -270,7 +270,7 @@ def _in_background(batches: Iterator[dict], depth: int) -> Iterator[dict]:
         thread.join()
 
 
-class DaliLoader:
+class DaliLoader(EpochPosition):
     """DALI loader with the batch contract; see the module docstring."""
 
     backend = "dali"
@@ -293,23 +293,6 @@ class DaliLoader:
             self.steps_per_epoch = eval_steps_per_epoch(shares, videos_per_gpu)
         self._bad = BadSampleLog(mode, self.backend)
         self.set_epoch(epoch, start_step)
-
-    @property
-    def bad_samples(self) -> int:
-        return self._bad.count
-
-    @property
-    def failed(self) -> list[tuple[str, str]]:
-        return self._bad.failed
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next iteration covers `epoch` from micro step `start_step`."""
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step={start_step} is outside [0, {self.steps_per_epoch}]")
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[dict]:
         return _in_background(self._batches(), PREFETCH_BATCHES)

@@ -29,7 +29,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vmaescale.config import DataConfig
-from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, RawSample,
+from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample,
                                    SampleInfo, ShardSet, batches_from_videos, eval_steps_per_epoch,
                                    sample_info, train_steps_per_epoch, view_shape)
 from vmaescale.data.transforms import (crop_resize, eval_view, normalize_clip, resize_frames,
@@ -171,7 +171,7 @@ def _one_thread_per_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-class FallbackLoader:
+class FallbackLoader(EpochPosition):
     """PyAV loader with the batch contract; see the module docstring for order and splits."""
 
     backend = "fallback"
@@ -192,23 +192,6 @@ class FallbackLoader:
             self.steps_per_epoch = eval_steps_per_epoch(shares, videos_per_gpu)
         self._bad = BadSampleLog(mode, self.backend)
         self.set_epoch(epoch, start_step)
-
-    @property
-    def bad_samples(self) -> int:
-        return self._bad.count
-
-    @property
-    def failed(self) -> list[tuple[str, str]]:
-        return self._bad.failed
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next iteration covers `epoch` from micro step `start_step`."""
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step={start_step} is outside [0, {self.steps_per_epoch}]")
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[dict]:
         dataset = ShardVideos(self.shards, self.cfg, self.split, self.mode, self.seed, self.epoch,

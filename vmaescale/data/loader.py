@@ -220,6 +220,33 @@ def sample_info(sample: RawSample, shards: ShardSet) -> SampleInfo:
                       int(shards.height[row]), parse_label(bytes(sample.label_raw)))
 
 
+class EpochPosition:
+    """What both loaders share: the epoch and step to start from, and bad-sample counts.
+
+    Subclasses set `steps_per_epoch` and `_bad` (a BadSampleLog) before `set_epoch`.
+    """
+
+    steps_per_epoch: int
+    _bad: "BadSampleLog"
+
+    @property
+    def bad_samples(self) -> int:
+        return self._bad.count
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        return self._bad.failed
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next iteration covers `epoch` from micro step `start_step`."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step={start_step} is outside [0, {self.steps_per_epoch}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
 class BadSampleLog:
     """Counts, logs and (in eval) lists the samples a loader could not use.
 
