@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from vmaescale.data.video_io import (CODECS, REJECT_REASONS, VideoError, VideoInfo, codec_by_name,
                                      encode_to_bytes, open_container, open_video, probe)
+from vmaescale.fileio import write_atomic
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                   ".wmv", ".ogv", ".3gp", ".ts")
@@ -382,24 +383,14 @@ def dali_index_text(tar_path: Union[str, Path]) -> str:
     return f"{_DALI_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write `payload` to `path` via a synced temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_write_json(path: Path, value) -> None:
-    _atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _atomic_write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
-    _atomic_write(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 class ShardWriter:
@@ -445,7 +436,7 @@ class ShardWriter:
             with open(self.tmp_path, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(self.tmp_path, self.tar_path)
-            _atomic_write(self.tar_path.with_suffix(".idx"), dali_index_text(self.tar_path).encode())
+            write_atomic(self.tar_path.with_suffix(".idx"), dali_index_text(self.tar_path).encode())
         sidecar = {"shard": self.index, "input_start": self.input_start, "input_end": input_end,
                    "exts": sorted(self.exts), "rows": self.rows, "rejects": self.rejects}
         _atomic_write_json(self.out_dir / BUILD_DIR / f"shard-{self.index:06d}.json", sidecar)

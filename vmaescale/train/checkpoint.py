@@ -14,7 +14,6 @@ tag without complete.json is never resumed from. Only the last K complete tags a
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from vmaescale.fileio import write_atomic
 
 COMPLETE = "complete.json"
 
@@ -44,15 +45,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict, rank_state: dict,
