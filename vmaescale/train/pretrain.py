@@ -41,6 +41,22 @@ def build_model(cfg: RunConfig) -> VideoMAEPretrain:
                             cfg.model.checkpoint_activations)
 
 
+def gather_attention_whole_under_zero3(model: VideoMAEPretrain) -> None:
+    """Make every Attention a ZeRO-3 leaf, so its pre-forward hook gathers qkv.weight too.
+
+    Attention reads `self.qkv.weight` itself instead of calling `self.qkv`, so the qkv
+    Linear's own hook never runs. Eager ZeRO-3 gathers such a parameter when it is read,
+    but torch.compile traces that read and sees the empty partition (e.g. "size mismatch,
+    got input (8x64), vec (0)"). Called before deepspeed.initialize, which installs the hooks.
+    (PatchEmbed's read of proj.weight.dtype only costs one recompile at step 2, when
+    prefetching starts; as a leaf its compiled backward saw the empty partition.)
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from vmaescale.models.vit import Attention
+    set_z3_leaf_modules(model, [Attention])
+
+
 def build_train_loader(cfg: RunConfig, rank: int, world_size: int, epoch: int, start_step: int,
                        device: torch.device):
     """The configured loader for one epoch, starting at micro step `start_step`."""
@@ -99,6 +115,8 @@ class Pretraining:
     def _setup(self) -> None:
         cfg = self.cfg
         self.model = build_model(cfg).to(self.device)
+        if cfg.model.compile and cfg.train.zero_stage == 3:
+            gather_attention_whole_under_zero3(self.model)
         self.grid = token_grid(cfg.data.num_frames, cfg.data.image_size, self.model.size.patch_size)
         self.masks = MaskGenerator(self.grid, cfg.mask.encoder, cfg.mask.encoder_ratio,
                                    cfg.mask.decoder, cfg.mask.decoder_ratio, self.device,
@@ -328,7 +346,11 @@ class Pretraining:
         return tag
 
     def log_reconstructions(self) -> None:
-        """Reconstruct the fixed validation clips (every rank: ZeRO-3 needs all), rank 0 logs."""
+        """Reconstruct the fixed validation clips (every rank: ZeRO-3 needs all), rank 0 logs.
+
+        The forward runs eagerly under model.compile: torch.compile guards on eval mode and
+        no_grad, so a compiled call would build (and keep) a second graph for this rare call.
+        """
         from vmaescale.eval.reconstruction import (masked_input, reconstruct_clip, region_metrics,
                                                    save_reconstruction_grid)
         from vmaescale.models.videomae import decoded_positions, unnormalize
@@ -341,8 +363,8 @@ class Pretraining:
         mask, decoder_mask = gen(video.shape[0])
         was_training = model.training
         model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                             enabled=self.precision == "bf16"):
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             _, pred = model(video, mask, decoder_mask)
         model.train(was_training)
         if self.rank != 0:
