@@ -96,19 +96,20 @@ def measure(args) -> dict:
             "frames": cfg.data.num_frames, "image_size": cfg.data.image_size,
             "checkpointing": cfg.model.checkpoint_activations,
             "clips_per_s_per_device": per_device,
-            "mfu": mfu(per_device, run.train_flops_per_clip, run.peak_tflops),
+            "mfu": mfu(per_device, run.train_flops_per_clip, run.peak_tflops) if run.peak_tflops > 0 else None,
             "train_tflops_per_clip": run.train_flops_per_clip / 1e12,
             "data_wait_frac": data_s / elapsed, "peak_mem_gb": peak_memory_gb(run.device),
             "steps": args.steps}
 
 
 def print_table(rows: list[dict]) -> None:
+    from vmaescale.train.pretrain import mfu_text
     header = f"{'model':<6}{'input':<10}{'backend':<10}{'device':<24}{'prec':<6}{'clips/s/dev':>12}{'MFU %':>8}{'data %':>8}{'peak GB':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['model']:<6}{r['input']:<10}{r['backend']:<10}{r['device'][:23]:<24}{r['precision']:<6}"
-              f"{r['clips_per_s_per_device']:>12.2f}{r['mfu'] * 100:>8.1f}{r['data_wait_frac'] * 100:>8.1f}"
+              f"{r['clips_per_s_per_device']:>12.2f}{mfu_text(r['mfu']):>8}{r['data_wait_frac'] * 100:>8.1f}"
               f"{r['peak_mem_gb']:>9.2f}")
 
 

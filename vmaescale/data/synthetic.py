@@ -1,8 +1,8 @@
 """Synthetic videos whose class is a motion: direction x speed of moving shapes.
 
-Each clip shows 1-3 coloured discs or squares over a static textured background. All
+Each clip shows 1-3 coloured discs or squares over a static colour-ramp background. All
 shapes move with the class velocity and wrap around the frame edges. Appearance (the
-texture, the shapes, their start positions) comes from the clip's seed alone, so clips of
+ramp, the shapes, their start positions) comes from the clip's seed alone, so clips of
 every class with the same seed have identical first frames: no single frame tells the
 class, only the motion does.
 """
@@ -40,14 +40,21 @@ def class_velocity(class_name: str, size: int) -> tuple[float, float]:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A static texture: three coloured periodic gratings plus fine noise -> float32 [H, W, 3]."""
+    """A static, strongly lit colour ramp in a random direction -> float32 [H, W, 3].
+
+    The pretraining loss normalizes every patch per channel (SPEC section 3), so a patch of
+    flat colour or fine noise becomes unit-variance noise nobody can predict, and a tiny
+    model stalls at the mean-prediction loss (about 1.0). A ramp of 100-140 grey levels per
+    channel across the frame keeps every background patch structured and continuous with
+    its neighbours: a tiny MAE learns it within a few hundred CPU steps, and what remains
+    of the loss is mostly the moving shapes.
+    """
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    image = np.full((size, size, 3), rng.uniform(60, 190, 3), np.float32)
-    for _ in range(3):
-        fx, fy = rng.integers(-4, 5, 2)
-        wave = np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
-        image += wave[..., None] * rng.uniform(-35, 35, 3).astype(np.float32)
-    return image + rng.normal(0, 8, (size, size, 3)).astype(np.float32)
+    theta = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(theta) * (x - 0.5) + np.sin(theta) * (y - 0.5)  # [H, W] in [-0.71, 0.71]
+    mid = rng.uniform(100, 155, 3).astype(np.float32)  # mid +- 0.71 * span stays in [0, 255]
+    span = (rng.uniform(100, 140, 3) * rng.choice([-1.0, 1.0], 3)).astype(np.float32)
+    return mid + ramp[..., None] * span
 
 
 def _shape_alpha(dx: np.ndarray, dy: np.ndarray, radius: float, is_square: bool) -> np.ndarray:

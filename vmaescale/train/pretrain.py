@@ -318,19 +318,22 @@ class Pretraining:
             "skipped_steps": float(self.engine.skipped_steps + self.run_state["nonfinite_skipped"]),
             "clips_per_s": clips_per_s,
             "clips_per_s_per_device": per_device,
-            "mfu": mfu(per_device, self.train_flops_per_clip, self.peak_tflops),
             "data_wait_frac": window.data_s / max(window.step_s, 1e-9),
             "peak_mem_gb": peak_memory_gb(self.device),
             "bad_samples": stats[2].item(),
             "epoch": float(self.run_state["epoch"]),
         }
+        if self.peak_tflops > 0:  # unknown device (a CPU): no MFU rather than a misleading 0
+            metrics["mfu"] = mfu(per_device, self.train_flops_per_clip, self.peak_tflops)
         self.last_metrics = metrics
+        if not hasattr(self, "first_loss"):
+            self.first_loss = (self.run_state["step"], loss)
         if self.rank == 0:
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}",
                                  clips_s=f"{clips_per_s:.1f}")
             progress.write(f"step {self.run_state['step']:>6}  loss {loss:.4f}  lr {metrics['lr']:.3e}  "
                            f"grad {metrics['grad_norm']:.3f}  clips/s {clips_per_s:.1f}  "
-                           f"mfu {metrics['mfu'] * 100:.1f}%  data {metrics['data_wait_frac'] * 100:.0f}%")
+                           f"mfu {mfu_text(metrics.get('mfu'))}  data {metrics['data_wait_frac'] * 100:.0f}%")
         self.tracker.log_metrics(metrics, self.run_state["step"])
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -401,6 +404,8 @@ class Pretraining:
                    "final": str(self.out / "final") if status == "completed" else None,
                    "mlflow_run_id": self.tracker.run_id,
                    "world_size": self.world, "precision": self.precision}
+        if hasattr(self, "first_loss"):
+            summary["first_logged"] = f"step {self.first_loss[0]}: loss {self.first_loss[1]:.4f}"
         summary.update({k: getattr(self, "last_metrics", {}).get(k) for k in ("loss", "clips_per_s", "mfu")})
         if getattr(self, "last_recon", None):
             summary["reconstruction"] = self.last_recon
@@ -436,10 +441,24 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def mfu_text(value: float | None) -> str:
+    """'41.3%', or 'n/a' where the device's peak is unknown (set train.peak_tflops)."""
+    return "n/a" if value is None else f"{value * 100:.1f}%"
+
+
+def summary_text(key: str, value) -> str:
+    if key == "mfu":
+        return mfu_text(value)
+    if key == "reconstruction" and isinstance(value, dict):
+        return (f"{value['path']}  (masked regions: PSNR {value['psnr']:.2f} dB, "
+                f"SSIM {value['ssim']:.3f}, MSE {value['mse']:.4g})")
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
 def print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
     print("\n== pretraining summary " + "=" * 40)
     for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}" if math.isfinite(value) else str(value)
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {summary_text(key, value)}")
