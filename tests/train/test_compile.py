@@ -7,7 +7,6 @@ inductor's on-disk cache (/tmp/torchinductor_$USER) makes later runs take second
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,6 @@ from vmaescale.config import load_config
 from vmaescale.models.checkpoint import load_model_dir
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(out: Path, *overrides: str):
@@ -57,11 +50,9 @@ def graphs_after_each_micro_step(run) -> list[int]:
     return seen
 
 
+@pytest.mark.usefixtures("single_rank")
 @pytest.mark.parametrize("stage", [1, 3])
-def test_compiled_run_matches_eager_resumes_and_exports_plain_keys(tmp_path, monkeypatch, stage):
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
+def test_compiled_run_matches_eager_resumes_and_exports_plain_keys(tmp_path, stage):
     from vmaescale.train.pretrain import Pretraining
 
     compiled, eager = tmp_path / "compiled", tmp_path / "eager"

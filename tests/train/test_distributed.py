@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(out: Path, nproc: int, *overrides: str) -> list[str]:
     sets = ["data.backend=synthetic", "train.steps_per_epoch=50", "train.max_steps=6",
             "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=3",
@@ -36,8 +29,8 @@ def command(out: Path, nproc: int, *overrides: str) -> list[str]:
             f"tracking.tracking_uri=sqlite:///{out.parent / 'mlflow.db'}", f"output_dir={out}",
             *overrides]
     args = [a for s in sets for a in ("--set", s)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"),
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(REPO / "launch" / "pretrain.py"),
             "--config", str(REPO / "configs" / "tiny.json"), *args]
 
 

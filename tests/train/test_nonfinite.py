@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_nan_batches_are_skipped_then_the_run_stops_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
+@pytest.mark.usefixtures("single_rank")
+def test_nan_batches_are_skipped_then_the_run_stops_with_a_clear_message(tmp_path):
     from vmaescale.train.pretrain import NonFiniteLossError, Pretraining
 
     cfg = load_config(REPO / "configs" / "tiny.json", [

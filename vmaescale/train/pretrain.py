@@ -460,5 +460,7 @@ def summary_text(key: str, value) -> str:
 def print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
     print("\n== pretraining summary " + "=" * 40)
+    logged = summary.get("loss") is not None  # False when the run was already complete
     for key, value in summary.items():
-        print(f"{key:<{width}}  {summary_text(key, value)}")
+        if value is not None or (key == "mfu" and logged):
+            print(f"{key:<{width}}  {summary_text(key, value)}")
