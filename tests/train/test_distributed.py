@@ -14,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import transformers
 
+from vmaescale import cli
 from vmaescale.models.checkpoint import load_model_dir
 
 pytestmark = pytest.mark.slow
@@ -71,6 +73,9 @@ def test_zero_stage_trains_checkpoints_and_consolidates(tmp_path, stage):
     assert mlflow_run.data.params["train.zero_stage"] == str(stage)
     assert mlflow_run.data.tags["world_size"] == "2" and mlflow_run.info.status == "FINISHED"
     assert json.loads((out / "final" / "config.json").read_text())["train"]["zero_stage"] == stage
+    assert cli.main(["export-hf", str(out / "final"), str(tmp_path / "hf")]) == 0  # interop reads final/
+    hf = transformers.VideoMAEForPreTraining.from_pretrained(tmp_path / "hf")
+    assert hf.config.hidden_size == 64 and hf.config.num_frames == 4 and hf.config.image_size == 32
 
 
 def test_resume_matches_uninterrupted_run_and_reshapes_to_one_rank(tmp_path):
