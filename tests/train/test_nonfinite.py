@@ -14,22 +14,61 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.usefixtures("single_rank")
-def test_nan_batches_are_skipped_then_the_run_stops_with_a_clear_message(tmp_path):
-    from vmaescale.train.pretrain import NonFiniteLossError, Pretraining
+def nano_run(out: Path):
+    from vmaescale.train.pretrain import Pretraining
 
-    cfg = load_config(REPO / "configs" / "tiny.json", [
+    return Pretraining(load_config(REPO / "configs" / "tiny.json", [
         "data.backend=synthetic", "model.size=nano", "data.num_frames=4", "data.image_size=32",
         "train.videos_per_gpu=1", "train.max_steps=10", "train.max_bad_steps=3",
-        "train.zero_stage=1", "tracking.enabled=false", f"output_dir={tmp_path / 'run'}"])
-    run = Pretraining(cfg)
-    before = [p.detach().clone() for p in run.engine.module.parameters()]
+        "train.zero_stage=1", "tracking.enabled=false", f"output_dir={out}"]))
+
+
+def poison_first_pixel(run) -> None:
+    """Every batch gets a NaN at pixel (0, 0, 0) of its first clip, i.e. in token 0."""
     poisoned = InMemoryClips(2, 4, 32, steps_per_epoch=100)
     for clip in poisoned.pool:
         clip[0, 0, 0, 0, 0] = float("nan")
     run.loader = poisoned
+
+
+def fix_token0(run, visible: bool) -> None:
+    """Always use one mask pair in which token 0 of clip 0 is visible, or hidden and not decoded."""
+    for _ in range(1000):
+        mask, decoder_mask = run.masks(2)
+        hidden_undecoded = bool(mask[0, 0]) and bool(decoder_mask[0, 0])
+        if (not mask[0, 0]) if visible else hidden_undecoded:
+            run.masks = lambda batch: (mask, decoder_mask)
+            return
+    raise AssertionError("no such mask in 1000 draws")
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_nan_batches_are_skipped_then_the_run_stops_with_a_clear_message(tmp_path):
+    from vmaescale.train.pretrain import NonFiniteLossError
+
+    run = nano_run(tmp_path / "run")
+    before = [p.detach().clone() for p in run.engine.module.parameters()]
+    poison_first_pixel(run)
+    fix_token0(run, visible=True)  # the encoder sees the NaN: the loss is NaN
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
         run.train()
     assert run.run_state["nonfinite_skipped"] == 3
     after = list(run.engine.module.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # nothing trained on NaN
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_nan_gradients_under_a_finite_loss_are_skipped_then_stop_the_run(tmp_path):
+    """A NaN pixel in a token neither encoded nor decoded leaves the loss finite, but the patch
+    embedding's gradient is NaN (0 x NaN): DeepSpeed skips the step; repeated, the run stops."""
+    from vmaescale.train.pretrain import NonFiniteLossError
+
+    run = nano_run(tmp_path / "run")
+    before = [p.detach().clone() for p in run.engine.module.parameters()]
+    poison_first_pixel(run)
+    fix_token0(run, visible=False)
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps skipped by DeepSpeed"):
+        run.train()
+    assert run.run_state["nonfinite_skipped"] == 0 and run.engine.skipped_steps == 3
+    after = list(run.engine.module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -32,7 +32,33 @@ from vmaescale.train.optim import scaled_lr
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after `train.max_bad_steps` non-finite losses in a row."""
+    """Raised after `train.max_bad_steps` non-finite losses (or skipped steps) in a row."""
+
+
+class BadInARow:
+    """Counts one kind of bad event in a row; the `limit`-th in a row stops the run.
+
+    Two kinds: a non-finite loss (the micro batch is skipped on every rank) and a finite loss
+    whose gradients are not (DeepSpeed's overflow check skips the optimizer step; a NaN pixel
+    in a token the encoder never sees does this through the patch embedding's gradient).
+    Either, repeated, means the run is no longer training.
+    """
+
+    def __init__(self, kind: str, action: str, limit: int):
+        self.kind, self.action, self.limit, self.count = kind, action, limit, 0
+
+    def add(self, step: int) -> str:
+        """Count one; return the line to log, or raise at the limit."""
+        self.count += 1
+        if self.count >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.count} {self.kind} in a row at step {step} (train.max_bad_steps="
+                f"{self.limit}); stopping. Check the data for NaN/Inf pixels, lower optim.base_lr "
+                f"or set optim.clip_grad, then resume from the last checkpoint.")
+        return f"step {step}: {self.action} ({self.count} in a row, limit {self.limit})"
+
+    def reset(self) -> None:
+        self.count = 0
 
 
 def build_model(cfg: RunConfig) -> VideoMAEPretrain:
@@ -242,7 +268,9 @@ class Pretraining:
         accum = cfg.train.grad_accum
         clips_per_micro = cfg.train.videos_per_gpu * cfg.data.num_sample
         window = Window()
-        bad_in_row = 0
+        bad_losses = BadInARow("non-finite losses", "non-finite loss, micro batch skipped", cfg.train.max_bad_steps)
+        skipped = BadInARow("optimizer steps skipped by DeepSpeed (non-finite gradients)",
+                            "DeepSpeed skipped the optimizer step", cfg.train.max_bad_steps)
         progress = self._progress()
         it = iter(self.loader)
         t_start = time.time()
@@ -254,6 +282,7 @@ class Pretraining:
                 status = "preempted"
                 break
             t0 = time.perf_counter()
+            skipped_before = self.engine.skipped_steps
             for _ in range(accum):
                 t_data = time.perf_counter()
                 batch, it = self._next_batch(it)
@@ -261,19 +290,16 @@ class Pretraining:
                 rs["micro_step_in_epoch"] += 1
                 loss = self.forward_backward(batch)
                 if loss is None:
-                    bad_in_row += 1
                     rs["nonfinite_skipped"] += 1
-                    self.log(f"step {rs['step']}: non-finite loss, micro batch skipped "
-                             f"({bad_in_row} in a row, limit {cfg.train.max_bad_steps})")
-                    if bad_in_row >= cfg.train.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{bad_in_row} non-finite losses in a row at step {rs['step']} "
-                            f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopping. Lower "
-                            f"optim.base_lr or set optim.clip_grad, then resume from the last checkpoint.")
+                    self.log(bad_losses.add(rs["step"]))
                     continue
-                bad_in_row = 0
+                bad_losses.reset()
                 window.add_loss(loss)
                 window.clips += clips_per_micro
+            if self.engine.skipped_steps > skipped_before:  # finite loss, non-finite gradients
+                self.log(skipped.add(rs["step"]))
+            else:
+                skipped.reset()
             rs["step"] += 1
             window.step_s += time.perf_counter() - t0
             progress.update(1)
