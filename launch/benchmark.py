@@ -58,6 +58,7 @@ def run_both(args) -> int:
 def measure(args) -> dict:
     import torch
 
+    from vmaescale.train.engine import silence_library_deprecations
     from vmaescale.train.pretrain import Pretraining
 
     overrides = ["tracking.enabled=false", f"output_dir={tempfile.mkdtemp(prefix='vmaescale-bench-')}",
@@ -67,6 +68,7 @@ def measure(args) -> dict:
     elif args.shards:
         overrides.append(f"data.shards={args.shards}")
     cfg = load_config(args.config, overrides)
+    silence_library_deprecations()
     run = Pretraining(cfg)
     it = iter(run.loader)
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)

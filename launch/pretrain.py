@@ -39,8 +39,10 @@ def main(argv=None) -> int:
     if cfg.task != "pretrain":
         print(f"config error: task: {cfg.task!r}; launch/pretrain.py runs task 'pretrain'", file=sys.stderr)
         return 2
+    from vmaescale.train.engine import silence_library_deprecations
     from vmaescale.train.pretrain import Pretraining, print_summary
 
+    silence_library_deprecations()
     run = Pretraining(cfg)
     summary = run.train()
     if run.rank == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,14 @@ class DistEnv:
     rank: int
     local_rank: int
     world_size: int
+
+
+def silence_library_deprecations() -> None:
+    """Hide deprecation warnings raised inside DeepSpeed 0.19's own calls into torch (each rank
+    prints `all_gather_into_tensor is deprecated` on the first step); users cannot act on them.
+    Called by the launchers, not on import, so importing the package changes no filters."""
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def dist_env() -> DistEnv:
