@@ -33,4 +33,4 @@ demo: setup
 	PATH="$(dir $(PY)):$$PATH" bash launch/demo.sh
 
 clean:
-	rm -rf demo runs mlflow.db
+	rm -rf demo runs mlflow.db mlruns
