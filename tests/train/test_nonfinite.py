@@ -14,21 +14,35 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def nano_run(out: Path):
+def nano_run(out: Path, *overrides: str):
     from vmaescale.train.pretrain import Pretraining
 
     return Pretraining(load_config(REPO / "configs" / "tiny.json", [
         "data.backend=synthetic", "model.size=nano", "data.num_frames=4", "data.image_size=32",
         "train.videos_per_gpu=1", "train.max_steps=10", "train.max_bad_steps=3",
-        "train.zero_stage=1", "tracking.enabled=false", f"output_dir={out}"]))
+        "train.zero_stage=1", "tracking.enabled=false", f"output_dir={out}", *overrides]))
 
 
-def poison_first_pixel(run) -> None:
-    """Every batch gets a NaN at pixel (0, 0, 0) of its first clip, i.e. in token 0."""
+def poison_first_pixel(run, batches=range(4)) -> None:
+    """The batches of the cycled pool of 4 get a NaN at pixel (0, 0, 0) of their first clip,
+    i.e. in token 0."""
     poisoned = InMemoryClips(2, 4, 32, steps_per_epoch=100)
-    for clip in poisoned.pool:
-        clip[0, 0, 0, 0, 0] = float("nan")
+    for i in batches:
+        poisoned.pool[i][0, 0, 0, 0, 0] = float("nan")
     run.loader = poisoned
+
+
+class FixedMasks:
+    """One mask pair for every batch; checkpoints still save the real generator's state."""
+
+    def __init__(self, generator, mask, decoder_mask):
+        self.generator, self.pair = generator, (mask, decoder_mask)
+
+    def __call__(self, batch: int):
+        return self.pair
+
+    def state_dict(self) -> dict:
+        return self.generator.state_dict()
 
 
 def fix_token0(run, visible: bool) -> None:
@@ -37,7 +51,7 @@ def fix_token0(run, visible: bool) -> None:
         mask, decoder_mask = run.masks(2)
         hidden_undecoded = bool(mask[0, 0]) and bool(decoder_mask[0, 0])
         if (not mask[0, 0]) if visible else hidden_undecoded:
-            run.masks = lambda batch: (mask, decoder_mask)
+            run.masks = FixedMasks(run.masks, mask, decoder_mask)
             return
     raise AssertionError("no such mask in 1000 draws")
 
@@ -72,3 +86,15 @@ def test_nan_gradients_under_a_finite_loss_are_skipped_then_stop_the_run(tmp_pat
     assert run.run_state["nonfinite_skipped"] == 0 and run.engine.skipped_steps == 3
     after = list(run.engine.module.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_a_skipped_micro_batch_is_replaced_so_accumulation_stays_aligned(tmp_path):
+    run = nano_run(tmp_path / "run", "train.grad_accum=2", "train.max_steps=4",
+                   "train.checkpoint_every=100", "train.recon_every=0")
+    poison_first_pixel(run, batches=[1])  # micro batches 1, 5, 9 are NaN: never 3 in a row
+    fix_token0(run, visible=True)
+    assert run.train()["status"] == "completed"
+    assert run.run_state["nonfinite_skipped"] == 3
+    assert run.engine.global_steps == run.run_state["step"] == 4  # 8 good micro batches
+    assert run.run_state["micro_step_in_epoch"] == 11

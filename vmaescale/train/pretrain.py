@@ -283,7 +283,10 @@ class Pretraining:
                 break
             t0 = time.perf_counter()
             skipped_before = self.engine.skipped_steps
-            for _ in range(accum):
+            # A skipped micro batch is replaced by the next one: every optimizer step averages
+            # `accum` good micro batches and DeepSpeed's accumulation boundary stays ours.
+            good = 0
+            while good < accum:
                 t_data = time.perf_counter()
                 batch, it = self._next_batch(it)
                 window.data_s += time.perf_counter() - t_data
@@ -294,6 +297,7 @@ class Pretraining:
                     self.log(bad_losses.add(rs["step"]))
                     continue
                 bad_losses.reset()
+                good += 1
                 window.add_loss(loss)
                 window.clips += clips_per_micro
             if self.engine.skipped_steps > skipped_before:  # finite loss, non-finite gradients
