@@ -88,7 +88,6 @@ def measure(args) -> dict:
             clips += batch["video"].shape[0]
     sync()
     elapsed = time.perf_counter() - start
-    from vmaescale.models.flops import mfu
     from vmaescale.train.pretrain import peak_memory_gb
 
     per_device = clips / elapsed
@@ -98,7 +97,7 @@ def measure(args) -> dict:
             "frames": cfg.data.num_frames, "image_size": cfg.data.image_size,
             "checkpointing": cfg.model.checkpoint_activations,
             "clips_per_s_per_device": per_device,
-            "mfu": mfu(per_device, run.train_flops_per_clip, run.peak_tflops) if run.peak_tflops > 0 else None,
+            "mfu": run.model_flops_utilization(per_device),
             "train_tflops_per_clip": run.train_flops_per_clip / 1e12,
             "data_wait_frac": data_s / elapsed, "peak_mem_gb": peak_memory_gb(run.device),
             "steps": args.steps}

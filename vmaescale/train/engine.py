@@ -110,11 +110,29 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, num_layers: int) -> torch.
                              eps=cfg.optim.eps)
 
 
+def gather_attention_whole_under_zero3(model: nn.Module) -> None:
+    """Make every Attention a ZeRO-3 leaf, so its pre-forward hook gathers qkv.weight too.
+
+    Attention reads `self.qkv.weight` itself instead of calling `self.qkv`, so the qkv
+    Linear's own hook never runs. Eager ZeRO-3 gathers such a parameter when it is read,
+    but torch.compile traces that read and sees the empty partition (e.g. "size mismatch,
+    got input (8x64), vec (0)"). Called before deepspeed.initialize, which installs the hooks.
+    (PatchEmbed's read of proj.weight.dtype only costs one recompile at step 2, when
+    prefetching starts; as a leaf its compiled backward saw the empty partition.)
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from vmaescale.models.vit import Attention
+    set_z3_leaf_modules(model, [Attention])
+
+
 def build_engine(model: nn.Module, cfg: RunConfig, ds_config: dict, schedule_args: dict,
                  num_layers: int):
     """deepspeed.initialize with a client AdamW and the warmup-cosine schedule."""
     import deepspeed
 
+    if cfg.model.compile and cfg.train.zero_stage == 3:
+        gather_attention_whole_under_zero3(model)
     optimizer = build_optimizer(model, cfg, num_layers)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,

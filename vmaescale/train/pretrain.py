@@ -67,22 +67,6 @@ def build_model(cfg: RunConfig) -> VideoMAEPretrain:
                             cfg.model.checkpoint_activations)
 
 
-def gather_attention_whole_under_zero3(model: VideoMAEPretrain) -> None:
-    """Make every Attention a ZeRO-3 leaf, so its pre-forward hook gathers qkv.weight too.
-
-    Attention reads `self.qkv.weight` itself instead of calling `self.qkv`, so the qkv
-    Linear's own hook never runs. Eager ZeRO-3 gathers such a parameter when it is read,
-    but torch.compile traces that read and sees the empty partition (e.g. "size mismatch,
-    got input (8x64), vec (0)"). Called before deepspeed.initialize, which installs the hooks.
-    (PatchEmbed's read of proj.weight.dtype only costs one recompile at step 2, when
-    prefetching starts; as a leaf its compiled backward saw the empty partition.)
-    """
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from vmaescale.models.vit import Attention
-    set_z3_leaf_modules(model, [Attention])
-
-
 def build_train_loader(cfg: RunConfig, rank: int, world_size: int, epoch: int, start_step: int,
                        device: torch.device):
     """The configured loader for one epoch, starting at micro step `start_step`."""
@@ -135,14 +119,15 @@ class Pretraining:
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.train.seed + self.rank)
         self.stop = StopFlag()
+        self.first_loss: tuple[int, float] | None = None  # (step, loss) of this run's first log
+        self.last_metrics: dict = {}
+        self.last_recon: dict | None = None
         self._setup()
 
     # ---- set-up -------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
         self.model = build_model(cfg).to(self.device)
-        if cfg.model.compile and cfg.train.zero_stage == 3:
-            gather_attention_whole_under_zero3(self.model)
         self.grid = token_grid(cfg.data.num_frames, cfg.data.image_size, self.model.size.patch_size)
         self.masks = MaskGenerator(self.grid, cfg.mask.encoder, cfg.mask.encoder_ratio,
                                    cfg.mask.decoder, cfg.mask.decoder_ratio, self.device,
@@ -183,6 +168,13 @@ class Pretraining:
     def _updates_per_epoch(self, loader) -> int:
         micro = self.cfg.train.steps_per_epoch or loader.steps_per_epoch
         return max(1, micro // self.cfg.train.grad_accum)
+
+    def model_flops_utilization(self, clips_per_s_per_device: float) -> float | None:
+        """Model FLOPs utilization, or None on a device with no known peak (a CPU): no MFU
+        rather than a misleading 0. train.peak_tflops supplies one."""
+        if self.peak_tflops <= 0:
+            return None
+        return mfu(clips_per_s_per_device, self.train_flops_per_clip, self.peak_tflops)
 
     def _device_name(self) -> str:
         if self.device.type == "cuda":
@@ -353,10 +345,11 @@ class Pretraining:
             "bad_samples": stats[2].item(),
             "epoch": float(self.run_state["epoch"]),
         }
-        if self.peak_tflops > 0:  # unknown device (a CPU): no MFU rather than a misleading 0
-            metrics["mfu"] = mfu(per_device, self.train_flops_per_clip, self.peak_tflops)
+        utilization = self.model_flops_utilization(per_device)
+        if utilization is not None:  # not logged at all where the peak is unknown
+            metrics["mfu"] = utilization
         self.last_metrics = metrics
-        if not hasattr(self, "first_loss"):
+        if self.first_loss is None:
             self.first_loss = (self.run_state["step"], loss)
         if self.rank == 0:
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -434,10 +427,10 @@ class Pretraining:
                    "final": str(self.out / "final") if status == "completed" else None,
                    "mlflow_run_id": self.tracker.run_id,
                    "world_size": self.world, "precision": self.precision}
-        if hasattr(self, "first_loss"):
+        if self.first_loss is not None:  # metrics were logged in this run
             summary["first_logged"] = f"step {self.first_loss[0]}: loss {self.first_loss[1]:.4f}"
-        summary.update({k: getattr(self, "last_metrics", {}).get(k) for k in ("loss", "clips_per_s", "mfu")})
-        if getattr(self, "last_recon", None):
+            summary.update({k: self.last_metrics.get(k) for k in ("loss", "clips_per_s", "mfu")})
+        if self.last_recon:
             summary["reconstruction"] = self.last_recon
         return summary
 
@@ -490,7 +483,6 @@ def summary_text(key: str, value) -> str:
 def print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
     print("\n== pretraining summary " + "=" * 40)
-    logged = summary.get("loss") is not None  # False when the run was already complete
     for key, value in summary.items():
-        if value is not None or (key == "mfu" and logged):
+        if value is not None or key == "mfu":  # mfu None: unknown peak, printed as n/a
             print(f"{key:<{width}}  {summary_text(key, value)}")
