@@ -169,13 +169,7 @@ def eval_view(nframes: int, width: int, height: int, num_frames: int, stride: in
 
 def crop_resize(frames: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [T, 3, size, size] in [0, 1]; one box for every frame."""
-    crop = frames[:, box.y:box.y + box.h, box.x:box.x + box.w]  # [T, h, w, 3]
-    crop = crop.permute(0, 3, 1, 2).float().div_(255.0)  # [T, 3, h, w]
-    if crop.shape[-2:] == (size, size):
-        return crop
-    out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
-                        antialias=True)
-    return out.clamp_(0.0, 1.0)
+    return resize_frames(frames[:, box.y:box.y + box.h, box.x:box.x + box.w], size, size)
 
 
 def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
