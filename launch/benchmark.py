@@ -59,7 +59,7 @@ def measure(args) -> dict:
     import torch
 
     from vmaescale.train.engine import silence_library_deprecations
-    from vmaescale.train.pretrain import Pretraining
+    from vmaescale.train.trainer import Trainer
 
     overrides = ["tracking.enabled=false", f"output_dir={tempfile.mkdtemp(prefix='vmaescale-bench-')}",
                  *args.set]
@@ -69,7 +69,7 @@ def measure(args) -> dict:
         overrides.append(f"data.shards={args.shards}")
     cfg = load_config(args.config, overrides)
     silence_library_deprecations()
-    run = Pretraining(cfg)
+    run = Trainer(cfg)
     it = iter(run.loader)
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
     data_s = 0.0
@@ -88,7 +88,7 @@ def measure(args) -> dict:
             clips += batch["video"].shape[0]
     sync()
     elapsed = time.perf_counter() - start
-    from vmaescale.train.pretrain import peak_memory_gb
+    from vmaescale.train.trainer import peak_memory_gb
 
     per_device = clips / elapsed
     return {"model": cfg.model.size, "input": args.input, "backend": getattr(run.loader, "backend", "?"),
@@ -104,7 +104,7 @@ def measure(args) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    from vmaescale.train.pretrain import mfu_text
+    from vmaescale.train.trainer import mfu_text
     header = f"{'model':<6}{'input':<10}{'backend':<10}{'device':<24}{'prec':<6}{'clips/s/dev':>12}{'MFU %':>8}{'data %':>8}{'peak GB':>9}"
     print(header)
     print("-" * len(header))

@@ -63,6 +63,17 @@ class DataConfig:
     test_num_segment: int = _f(5, lo=1, hi=32)
     test_num_crop: int = _f(3, choices=(1, 3))
     short_side: int = _f(224, lo=16, hi=2048)
+    # Train-mode augmentation. Pretraining: multi_scale crop, nothing else. Finetuning
+    # (official V2 recipe): random_resized crop, flip, RandAugment, random erasing.
+    train_crop: str = _f("multi_scale", choices=("multi_scale", "random_resized"),
+                         help="multi_scale = GroupMultiScaleCrop (pretraining); random_resized = "
+                              "RandomResizedCrop with crop_scale / crop_ratio (finetuning)")
+    crop_scale: list = _f([0.08, 1.0], help="random_resized: area fraction range")
+    crop_ratio: list = _f([0.75, 1.3333], help="random_resized: aspect ratio range (w / h)")
+    flip: bool = _f(False, help="horizontal flip with p 0.5 (off for SSv2-like sets)")
+    rand_augment: str = _f("none", help="'none' or timm-style 'rand-m7-n4-mstd0.5-inc1' "
+                                        "(DALI backend; one op and magnitude per clip)")
+    erase_prob: float = _f(0.0, lo=0.0, hi=1.0, help="random erasing (pixel mode), one box per clip")
 
 
 @dataclass
@@ -101,6 +112,28 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    num_classes: int = _f(0, lo=0, help="0 = the number of classes in the training shards' labels.json")
+    init: str = _f("", help="vmaescale run dir or checkpoint dir, official .pth, Hugging Face dir; "
+                            "'' = from scratch")
+    init_select: str = _f("final", choices=("final", "best"),
+                          help="which weights of a vmaescale run dir to start from")
+    label_map: str = _f("", help="JSON file: a list (entry i = the source head row of class i, "
+                                 "the official label_710to400.json form) or {target name: source name}")
+    allow_pickle: bool = _f(False, help="official .pth files a weights-only load refuses (trusted files only)")
+    head_dropout: float = _f(0.0, lo=0.0, hi=1.0)
+    init_scale: float = _f(0.001, lo=0.0, hi=1.0, help="head weight and bias scale at init")
+    mixup: float = _f(0.8, lo=0.0, hi=100.0, help="mixup alpha; 0 = off")
+    cutmix: float = _f(1.0, lo=0.0, hi=100.0, help="cutmix alpha; 0 = off")
+    mixup_prob: float = _f(1.0, lo=0.0, hi=1.0, help="probability of mixing a batch at all")
+    switch_prob: float = _f(0.5, lo=0.0, hi=1.0, help="probability of cutmix instead of mixup")
+    smoothing: float = _f(0.1, lo=0.0, hi=1.0, help="label smoothing")
+    model_ema: bool = _f(False, help="keep an EMA of the weights (ZeRO stages 0-2)")
+    ema_decay: float = _f(0.9999, lo=0.0, hi=1.0)
+    eval_every_epochs: float = _f(1.0, lo=0.0, help="single-view validation every N epochs; 0 = at the end only")
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = _f(True)
     experiment: str = _f("vmaescale")
@@ -119,6 +152,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deepspeed: dict = _f({}, help="advanced DeepSpeed keys merged over the derived config")
 
@@ -179,8 +213,24 @@ def _validate_cross_fields(obj: Any, where: str) -> None:
     if isinstance(obj, OptimConfig):
         if len(obj.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in obj.betas):
             raise ConfigError(f"{where}.betas: {obj.betas!r} must be two numbers in [0, 1)")
-    if isinstance(obj, DataConfig) and obj.num_frames % 2:
+    if isinstance(obj, DataConfig):
+        _validate_data(obj, where)
+
+
+def _validate_data(obj: "DataConfig", where: str) -> None:
+    if obj.num_frames % 2:
         raise ConfigError(f"{where}.num_frames: {obj.num_frames} must be even (tubelet size 2)")
+    for name, hi in (("crop_scale", 1.0), ("crop_ratio", 100.0)):
+        value = getattr(obj, name)
+        if (len(value) != 2 or not all(isinstance(v, (int, float)) and 0 < v <= hi for v in value)
+                or value[0] > value[1]):
+            raise ConfigError(f"{where}.{name}: {value!r} must be [low, high] with 0 < low <= high <= {hi}")
+    if obj.rand_augment != "none":
+        from vmaescale.data.augment import parse_rand_augment
+        try:
+            parse_rand_augment(obj.rand_augment)
+        except ValueError as e:
+            raise ConfigError(f"{where}.rand_augment: {e}") from e
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -53,11 +53,11 @@ def graphs_after_each_micro_step(run) -> list[int]:
 @pytest.mark.usefixtures("single_rank")
 @pytest.mark.parametrize("stage", [1, 3])
 def test_compiled_run_matches_eager_resumes_and_exports_plain_keys(tmp_path, stage):
-    from vmaescale.train.pretrain import Pretraining
+    from vmaescale.train.trainer import Trainer
 
     compiled, eager = tmp_path / "compiled", tmp_path / "eager"
     zero = f"train.zero_stage={stage}"  # 3: Attention reads qkv.weight without calling qkv
-    first = Pretraining(config(compiled, zero, "model.compile=true", "train.run_steps=3"))
+    first = Trainer(config(compiled, zero, "model.compile=true", "train.run_steps=3"))
     assert first.engine.is_compiled
     graphs = graphs_after_each_micro_step(first)
     assert first.train()["status"] == "paused"
@@ -66,10 +66,10 @@ def test_compiled_run_matches_eager_resumes_and_exports_plain_keys(tmp_path, sta
     settled = 1 if stage == 1 else 2
     assert graphs[-1] == graphs[settled], f"compiled graphs after each step: {graphs}"
 
-    second = Pretraining(config(compiled, zero, "model.compile=true"))
+    second = Trainer(config(compiled, zero, "model.compile=true"))
     assert second.run_state["step"] == 3  # resumed from the step-3 checkpoint
     assert second.train()["status"] == "completed"
-    assert Pretraining(config(eager, zero)).train()["status"] == "completed"
+    assert Trainer(config(eager, zero)).train()["status"] == "completed"
 
     got, expected = losses(compiled), losses(eager)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]

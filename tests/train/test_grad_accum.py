@@ -11,9 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 def pretraining(out, videos_per_gpu: int, grad_accum: int):
-    from vmaescale.train.pretrain import Pretraining
+    from vmaescale.train.trainer import Trainer
 
-    return Pretraining(load_config(None, [
+    return Trainer(load_config(None, [
         "data.backend=synthetic", "model.size=nano", "model.decoder_depth=2",
         "data.num_frames=4", "data.image_size=32", "data.num_sample=1",
         f"train.videos_per_gpu={videos_per_gpu}", f"train.grad_accum={grad_accum}",
@@ -39,8 +39,8 @@ def test_two_micro_batches_accumulate_to_one_step_of_their_union(tmp_path):
     whole = pretraining(tmp_path / "whole", videos_per_gpu=2, grad_accum=1)
     before = [p.detach().clone() for p in whole.engine.module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(accumulated.engine.module.parameters(), before))
-    mask, decoder_mask = whole.masks(2)
-    accumulated.masks, whole.masks = fixed_masks(mask, decoder_mask), fixed_masks(mask, decoder_mask)
+    mask, decoder_mask = whole.task.masks(2)
+    accumulated.task.masks, whole.task.masks = fixed_masks(mask, decoder_mask), fixed_masks(mask, decoder_mask)
 
     accumulated.forward_backward({"video": video[:1]})
     assert accumulated.engine.global_steps == 0  # no optimizer step until the boundary
@@ -56,5 +56,9 @@ def test_two_micro_batches_accumulate_to_one_step_of_their_union(tmp_path):
     lr = whole.scheduler.lr()
     pairs = list(zip(accumulated.engine.module.parameters(), whole.engine.module.parameters()))
     assert any(not torch.equal(w, b) for (_, w), b in zip(pairs, before))  # the step moved weights
-    for a, w in pairs:  # Adam's first step is ~lr * sign(grad): gradients near eps may differ
-        torch.testing.assert_close(a, w, rtol=0, atol=0.01 * lr)
+    # Adam's first step is ~lr * sign(grad): where a gradient is within rounding of 0 its sign
+    # can differ between the two summation orders (seen: 1 element of 98304 in the patch
+    # embedding), so a handful of elements may move differently; all others agree to 1% of lr.
+    for a, w in pairs:
+        differs = (a - w).abs() > 0.01 * lr
+        assert differs.float().mean() < 1e-4, f"{int(differs.sum())} of {differs.numel()} elements differ"

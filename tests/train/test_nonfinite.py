@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def nano_run(out: Path, *overrides: str):
-    from vmaescale.train.pretrain import Pretraining
+    from vmaescale.train.trainer import Trainer
 
-    return Pretraining(load_config(REPO / "configs" / "tiny.json", [
+    return Trainer(load_config(REPO / "configs" / "tiny.json", [
         "data.backend=synthetic", "model.size=nano", "data.num_frames=4", "data.image_size=32",
         "train.videos_per_gpu=1", "train.max_steps=10", "train.max_bad_steps=3",
         "train.zero_stage=1", "tracking.enabled=false", f"output_dir={out}", *overrides]))
@@ -48,17 +48,17 @@ class FixedMasks:
 def fix_token0(run, visible: bool) -> None:
     """Always use one mask pair in which token 0 of clip 0 is visible, or hidden and not decoded."""
     for _ in range(1000):
-        mask, decoder_mask = run.masks(2)
+        mask, decoder_mask = run.task.masks(2)
         hidden_undecoded = bool(mask[0, 0]) and bool(decoder_mask[0, 0])
         if (not mask[0, 0]) if visible else hidden_undecoded:
-            run.masks = FixedMasks(run.masks, mask, decoder_mask)
+            run.task.masks = FixedMasks(run.task.masks, mask, decoder_mask)
             return
     raise AssertionError("no such mask in 1000 draws")
 
 
 @pytest.mark.usefixtures("single_rank")
 def test_nan_batches_are_skipped_then_the_run_stops_with_a_clear_message(tmp_path):
-    from vmaescale.train.pretrain import NonFiniteLossError
+    from vmaescale.train.trainer import NonFiniteLossError
 
     run = nano_run(tmp_path / "run")
     before = [p.detach().clone() for p in run.engine.module.parameters()]
@@ -75,7 +75,7 @@ def test_nan_batches_are_skipped_then_the_run_stops_with_a_clear_message(tmp_pat
 def test_nan_gradients_under_a_finite_loss_are_skipped_then_stop_the_run(tmp_path):
     """A NaN pixel in a token neither encoded nor decoded leaves the loss finite, but the patch
     embedding's gradient is NaN (0 x NaN): DeepSpeed skips the step; repeated, the run stops."""
-    from vmaescale.train.pretrain import NonFiniteLossError
+    from vmaescale.train.trainer import NonFiniteLossError
 
     run = nano_run(tmp_path / "run")
     before = [p.detach().clone() for p in run.engine.module.parameters()]

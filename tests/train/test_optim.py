@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vmaescale.models import VideoClassifier, VideoMAEPretrain, get_size
-from vmaescale.train.optim import WarmupCosineSchedule, layer_id, param_groups, scaled_lr, warmup_cosine
+from vmaescale.train.optim import WarmupCosineSchedule, param_groups, scaled_lr, warmup_cosine
 
 
 def test_linear_scaling_rule():
@@ -23,15 +23,35 @@ def test_no_decay_for_1d_params_biases_and_mask_token():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_layer_decay_scales_follow_the_finetune_recipe():
+def official_layer_id(name: str, num_max_layer: int) -> int:
+    """VideoMAEv2 optim_factory.get_num_layer_for_vit, transcribed (num_max_layer = depth + 2)."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return num_max_layer - 1
+
+
+def test_layer_decay_scales_per_parameter_match_the_official_formula():
     clf = VideoClassifier(get_size("nano"), 5, 4, 32)  # depth 2
-    assert layer_id("patch_embed.proj.weight", 2) == 0
-    assert layer_id("blocks.1.mlp.fc1.weight", 2) == 2
-    assert layer_id("head.weight", 2) == 3 and layer_id("fc_norm.weight", 2) == 3
-    groups = param_groups(clf, 0.05, layer_decay=0.75, num_layers=2)
-    scales = {g["name"]: g["lr_scale"] for g in groups}
-    assert scales["decay_layer0"] == pytest.approx(0.75 ** 3)
-    assert scales["decay_layer3"] == 1.0
+    depth, decay = 2, 0.75
+    groups = param_groups(clf, 0.05, layer_decay=decay)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, param in clf.named_parameters():
+        # official: LayerDecayValueAssigner([decay ** (num_layers + 1 - i) for i in range(num_layers + 2)])
+        expected = decay ** (depth + 1 - official_layer_id(name, depth + 2))
+        assert scale_of[id(param)] == pytest.approx(expected), name
+    assert scale_of[id(clf.patch_embed.proj.weight)] == pytest.approx(decay ** 3)
+    assert scale_of[id(clf.head.weight)] == scale_of[id(clf.fc_norm.weight)] == 1.0
+
+
+def test_models_say_which_layer_and_decay_each_parameter_has():
+    pre = VideoMAEPretrain(get_size("nano"), 4, 32)
+    assert pre.optimizer_layer_id("encoder.blocks.1.attn.qkv.weight") == 2
+    assert pre.optimizer_layer_id("encoder.patch_embed.proj.weight") == 0
+    assert pre.optimizer_layer_id("decoder.blocks.0.mlp.fc1.weight") == 3
+    assert "mask_token" in pre.no_weight_decay_names
+    assert pre.zero3_leaf_modules() and pre.optimizer_num_layers == 2
 
 
 def test_warmup_then_cosine_to_min_lr():

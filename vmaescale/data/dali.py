@@ -44,7 +44,9 @@ from vmaescale.config import DataConfig
 from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample, SampleInfo,
                                    ShardSet, batches_from_videos, eval_steps_per_epoch,
                                    sample_info, train_steps_per_epoch, view_shape)
-from vmaescale.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_view, train_view
+from vmaescale.data.augment import MAGNITUDE_BINS, RAND_AUGMENT_OPS, TrainAugment
+from vmaescale.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_view, finish_train_clips,
+                                       train_view)
 
 PREFETCH_BATCHES = 2
 
@@ -80,12 +82,41 @@ def reader_pipeline(shards: ShardSet, batch_size: int, shard_id: int, num_shards
     return pipe
 
 
-def _normalized(clip):
-    """uint8 [T, H, W, 3] -> float32 [3, T, H, W], ImageNet-normalized."""
+def _normalized(clip, mirror=None):
+    """uint8 [T, H, W, 3] -> float32 [3, T, H, W], ImageNet-normalized (mirrored when asked)."""
     from nvidia.dali import fn, types
+    kwargs = {} if mirror is None else {"mirror": mirror}
     return fn.crop_mirror_normalize(clip, dtype=types.FLOAT, output_layout="CFHW",
                                     mean=[255.0 * m for m in IMAGENET_MEAN],
-                                    std=[255.0 * s for s in IMAGENET_STD])
+                                    std=[255.0 * s for s in IMAGENET_STD], **kwargs)
+
+
+def rand_augment_suite():
+    """DALI's RandAugment suite (increasing magnitudes, translations relative to the frame),
+    checked against the op order the host draws from."""
+    from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+
+    suite = dali_rand_augment.get_rand_augment_suite(use_shape=True)
+    names = tuple(aug.name for aug in suite)
+    if names != RAND_AUGMENT_OPS:
+        raise RuntimeError(f"DALI's RandAugment suite is {names}; vmaescale draws ops for "
+                           f"{RAND_AUGMENT_OPS} (check the pinned nvidia-dali version)")
+    return suite
+
+
+def apply_rand_augment(frames, layers, num_layers: int, frame_hw):
+    """RandAugment on uint8 FHWC frames, one op per layer for all frames of a clip.
+
+    layers: int32 [n, 3] per sample, (op index, magnitude bin, sign) drawn on the host by
+    `vmaescale.data.augment.rand_augment_params`; frame_hw: [2] float, for translations."""
+    from nvidia.dali.auto_aug.core import select, signed_bin
+
+    suite = rand_augment_suite()
+    for i in range(num_layers):
+        magnitude = signed_bin(layers[i, 1], layers[i, 2])
+        frames = select(suite, layers[i, 0], data=frames, magnitude_bin=magnitude,
+                        num_magnitude_bins=MAGNITUDE_BINS, shape=frame_hw, fill_value=128)
+    return frames
 
 
 def decode_pipeline(cfg: DataConfig, mode: str, batch_size: int, device_id: int | None):
@@ -93,9 +124,12 @@ def decode_pipeline(cfg: DataConfig, mode: str, batch_size: int, device_id: int 
     from nvidia.dali import fn, pipeline_def, types
 
     decode_device = "cpu" if device_id is None else "mixed"
+    aug = TrainAugment.from_config(cfg)
+    ra = aug.rand_augment if mode == "train" else None
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
-                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1,
+                  enable_conditionals=ra is not None)
     def decode():
         video = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
         indices = fn.external_source(name="frame_indices", dtype=types.INT32, ndim=1)
@@ -104,10 +138,17 @@ def decode_pipeline(cfg: DataConfig, mode: str, batch_size: int, device_id: int 
         if mode == "train":
             # [num_sample, 4]: y0, x0, y1, x1 of each clip's box
             boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
-            clips = [_normalized(fn.resize(frames, size=[cfg.image_size] * 2,
-                                           roi_start=boxes[k, 0:2], roi_end=boxes[k, 2:4],
-                                           roi_relative=False))
-                     for k in range(cfg.num_sample)]  # each [3, T, S, S]
+            flips = fn.external_source(name="flips", dtype=types.INT32, ndim=1) if aug.flip else None
+            if ra is not None:
+                layers = fn.external_source(name="rand_augment", dtype=types.INT32, ndim=3)
+                frame_hw = fn.external_source(name="frame_hw", dtype=types.FLOAT, ndim=1)
+            clips = []
+            for k in range(cfg.num_sample):  # each [3, T, S, S]
+                clip = frames if ra is None else apply_rand_augment(frames, layers[k], ra.num_layers,
+                                                                    frame_hw)
+                clip = fn.resize(clip, size=[cfg.image_size] * 2, roi_start=boxes[k, 0:2],
+                                 roi_end=boxes[k, 2:4], roi_relative=False)
+                clips.append(_normalized(clip, None if flips is None else flips[k]))
         else:
             resized_hw = fn.external_source(name="resized_hw", dtype=types.FLOAT, ndim=1)
             crop_yx = fn.external_source(name="crop_yx", dtype=types.INT32, ndim=2)  # [K, 2]
@@ -176,6 +217,8 @@ class DaliVideoDecoder:
         self.seed, self.epoch = seed, epoch
         self.device_id = cuda_device_id(device)
         self.device = device if self.device_id is not None else torch.device("cpu")
+        self.aug = TrainAugment.from_config(cfg)
+        self.views: dict = {}  # video_index -> TrainView of the batch being decoded
         self.pipe = None
 
     def __call__(self, items: list[tuple[RawSample, SampleInfo]]) -> list[DecodedVideo | BadSample]:
@@ -195,6 +238,7 @@ class DaliVideoDecoder:
     def _run(self, items: list[tuple[RawSample, SampleInfo]]):
         if self.pipe is None:
             self.pipe = decode_pipeline(self.cfg, self.mode, self.batch_size, self.device_id)
+        self.views = {}
         feeds = [self._feed(sample, info) for sample, info in items]
         for name in feeds[0]:
             self.pipe.feed_input(name, [f[name] for f in feeds])
@@ -207,11 +251,17 @@ class DaliVideoDecoder:
     def _feed(self, sample: RawSample, info: SampleInfo) -> dict[str, np.ndarray]:
         cfg = self.cfg
         if self.mode == "train":
-            view = train_view(self.seed, self.epoch, info.video_index, info.nframes, info.width,
-                              info.height, cfg.num_frames, cfg.sampling_rate, cfg.image_size,
-                              cfg.num_sample)
+            view = self.views[info.video_index] = train_view(
+                self.seed, self.epoch, info.video_index, info.nframes, info.width, info.height,
+                cfg.num_frames, cfg.sampling_rate, cfg.image_size, cfg.num_sample, self.aug)
             boxes = np.array([[b.y, b.x, b.y + b.h, b.x + b.w] for b in view.boxes], np.float32)
-            return {"video": sample.video, "frame_indices": view.frame_indices, "boxes": boxes}
+            feed = {"video": sample.video, "frame_indices": view.frame_indices, "boxes": boxes}
+            if self.aug.flip:
+                feed["flips"] = np.asarray(view.flips, np.int32)
+            if view.rand_augment is not None:
+                feed["rand_augment"] = view.rand_augment
+                feed["frame_hw"] = np.array([info.height, info.width], np.float32)
+            return feed
         view = eval_view(info.nframes, info.width, info.height, cfg.num_frames, cfg.sampling_rate,
                          cfg.test_num_segment, cfg.test_num_crop, cfg.short_side, cfg.image_size)
         width, height = view.resized_wh
@@ -230,6 +280,8 @@ class DaliVideoDecoder:
             segments, frames = self.cfg.test_num_segment, self.cfg.num_frames
             clips = clips.unflatten(2, (segments, frames))  # [K, 3, S, T, C, C]
             clips = clips.permute(2, 0, 1, 3, 4, 5).flatten(0, 1)  # [S*K, 3, T, C, C]
+        else:
+            clips = finish_train_clips(clips, self.views[info.video_index])  # erasing
         return DecodedVideo(clips, info.label, info.video_index)
 
 
@@ -277,10 +329,10 @@ class DaliLoader(EpochPosition):
 
     def __init__(self, shards: ShardSet, data_cfg: DataConfig, videos_per_gpu: int, rank: int,
                  world_size: int, mode: str, seed: int, epoch: int, start_step: int,
-                 device: torch.device | None):
+                 device: torch.device | None, num_classes: int | None = None):
         self.shards, self.cfg, self.mode, self.device = shards, data_cfg, mode, device
         self.videos_per_gpu, self.rank, self.world_size = videos_per_gpu, rank, world_size
-        self.seed = seed
+        self.seed, self.num_classes = seed, num_classes
         probe = reader_pipeline(shards, 1, 0, 1, 0, 0)
         self.reader_samples = int(probe.reader_meta("reader")["epoch_size"])
         del probe
@@ -319,7 +371,7 @@ class DaliLoader(EpochPosition):
             ready = []
             for sample in chunk:
                 try:
-                    ready.append((sample, sample_info(sample, self.shards)))
+                    ready.append((sample, sample_info(sample, self.shards, self.num_classes)))
                 except ValueError as e:
                     yield BadSample(sample.shard, sample.key, str(e))
             yield from decoder(ready)

@@ -32,8 +32,9 @@ from vmaescale.config import DataConfig
 from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample,
                                    SampleInfo, ShardSet, batches_from_videos, eval_steps_per_epoch,
                                    sample_info, train_steps_per_epoch, view_shape)
-from vmaescale.data.transforms import (crop_resize, eval_view, normalize_clip, resize_frames,
-                                       train_view)
+from vmaescale.data.augment import TrainAugment
+from vmaescale.data.transforms import (crop_resize, eval_view, finish_train_clips, normalize_clip,
+                                       resize_frames, train_view)
 from vmaescale.data.video_io import VideoError, decode_frames
 
 DECODE_ERRORS = (VideoError, ValueError, av.FFmpegError, EOFError, OSError)
@@ -66,12 +67,19 @@ def videos_in_split(shards: ShardSet, split: RankSplit) -> int:
 
 def decode_train_video(video: bytes, info: SampleInfo, cfg: DataConfig, seed: int,
                        epoch: int) -> torch.Tensor:
-    """One training video -> num_sample clips [num_sample, 3, T, S, S]."""
+    """One training video -> num_sample clips [num_sample, 3, T, S, S]: crop, flip,
+    normalize, erase, each with one parameter set for every frame of a clip."""
     view = train_view(seed, epoch, info.video_index, info.nframes, info.width, info.height,
-                      cfg.num_frames, cfg.sampling_rate, cfg.image_size, cfg.num_sample)
+                      cfg.num_frames, cfg.sampling_rate, cfg.image_size, cfg.num_sample,
+                      TrainAugment.from_config(cfg))
     frames = torch.from_numpy(decode_and_check(video, view.frame_indices, info))  # [T, H, W, 3]
-    return torch.stack([normalize_clip(crop_resize(frames, box, cfg.image_size))
-                        for box in view.boxes])
+    clips = []
+    for k, box in enumerate(view.boxes):
+        clip = crop_resize(frames, box, cfg.image_size)  # [T, 3, S, S]
+        if view.flips and view.flips[k]:
+            clip = clip.flip(-1)
+        clips.append(normalize_clip(clip))
+    return finish_train_clips(torch.stack(clips), view)
 
 
 def decode_eval_video(video: bytes, info: SampleInfo, cfg: DataConfig) -> torch.Tensor:
@@ -110,8 +118,9 @@ class ShardVideos(IterableDataset):
     """Decoded videos (or BadSample reports) of one rank's share, for one epoch."""
 
     def __init__(self, shards: ShardSet, cfg: DataConfig, split: RankSplit, mode: str,
-                 seed: int, epoch: int, rank: int, skip_videos: int):
+                 seed: int, epoch: int, rank: int, skip_videos: int, num_classes: int | None):
         self.shards, self.cfg, self.split, self.mode = shards, cfg, split, mode
+        self.num_classes = num_classes
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.skip_videos = skip_videos
 
@@ -157,7 +166,7 @@ class ShardVideos(IterableDataset):
 
     def _decode(self, sample: RawSample) -> DecodedVideo | BadSample:
         try:
-            info = sample_info(sample, self.shards)
+            info = sample_info(sample, self.shards, self.num_classes)
             if self.mode == "train":
                 clips = decode_train_video(sample.video, info, self.cfg, self.seed, self.epoch)
             else:
@@ -177,8 +186,10 @@ class FallbackLoader(EpochPosition):
     backend = "fallback"
 
     def __init__(self, shards: ShardSet, data_cfg: DataConfig, videos_per_gpu: int, rank: int,
-                 world_size: int, mode: str, seed: int, epoch: int, start_step: int):
+                 world_size: int, mode: str, seed: int, epoch: int, start_step: int,
+                 num_classes: int | None = None):
         self.shards, self.cfg, self.mode = shards, data_cfg, mode
+        self.num_classes = num_classes
         self.videos_per_gpu, self.rank, self.seed = videos_per_gpu, rank, seed
         self.split = rank_split(shards, rank, world_size)
         self.num_workers = min(data_cfg.num_workers, len(self.split.tars))
@@ -195,7 +206,7 @@ class FallbackLoader(EpochPosition):
 
     def __iter__(self) -> Iterator[dict]:
         dataset = ShardVideos(self.shards, self.cfg, self.split, self.mode, self.seed, self.epoch,
-                              self.rank, self.start_step * self.videos_per_gpu)
+                              self.rank, self.start_step * self.videos_per_gpu, self.num_classes)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             worker_init_fn=_one_thread_per_worker if self.num_workers else None)
         videos = iter(loader)

@@ -70,6 +70,7 @@ class ShardSet:
     height: np.ndarray  # int64 [N]
     label: np.ndarray  # int64 [N]
     row_by_sample: dict = field(repr=False)  # (tar name, key) -> manifest row
+    class_names: tuple[str, ...] = ()  # labels.json, in index order; () when unlabeled
 
     @property
     def tar_names(self) -> list[str]:
@@ -132,6 +133,21 @@ def _codec_and_exts(root: Path, first_tar: Path) -> tuple[str, tuple[str, ...]]:
     return CODEC_BY_EXT[ext], exts
 
 
+def read_class_names(root: Path) -> tuple[str, ...]:
+    """The class names of labels.json ({"name": index}) in index order; () when unlabeled.
+
+    Indices must be 0..K-1, each once: a gap would leave a head row without a name."""
+    path = root / "labels.json"
+    if not path.is_file():
+        return ()
+    labels = json.loads(path.read_text())
+    by_index = sorted((int(i), str(name)) for name, i in labels.items())
+    if [i for i, _ in by_index] != list(range(len(by_index))):
+        raise ValueError(f"{path}: class indices {[i for i, _ in by_index][:10]} are not 0..{len(by_index) - 1}, "
+                         "each once")
+    return tuple(name for _, name in by_index)
+
+
 def _tar_name(shard) -> str:
     """Manifest `shard` (an index, or a file name) -> the tar's file name."""
     return shard_name(shard) if isinstance(shard, int) else Path(str(shard)).name
@@ -156,7 +172,8 @@ def open_shard_set(spec: str) -> ShardSet:
         codec=codec, video_exts=video_exts, shard=shard, key=key,
         frames=np.asarray(table["frames"], np.int64), width=np.asarray(table["width"], np.int64),
         height=np.asarray(table["height"], np.int64), label=np.asarray(labels, np.int64),
-        row_by_sample={(s, k): i for i, (s, k) in enumerate(zip(shard, key))})
+        row_by_sample={(s, k): i for i, (s, k) in enumerate(zip(shard, key))},
+        class_names=read_class_names(root))
 
 
 @dataclass
@@ -209,15 +226,21 @@ class SampleInfo:
     label: int
 
 
-def sample_info(sample: RawSample, shards: ShardSet) -> SampleInfo:
-    """Check a raw sample and look it up; raises ValueError with the reason it is bad."""
+def sample_info(sample: RawSample, shards: ShardSet, num_classes: int | None = None) -> SampleInfo:
+    """Check a raw sample and look it up; raises ValueError with the reason it is bad.
+
+    With `num_classes` (classification), a label outside [0, num_classes) is bad too: it is
+    reported and never trained on."""
     if len(sample.video) == 0:
         raise ValueError("zero-byte or missing video (.mp4/.webm)")
     row = shards.row(sample.shard, sample.key)
     if row is None:
         raise ValueError(f"key not in {shards.root / 'manifest.parquet'}")
+    label = parse_label(bytes(sample.label_raw))
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is outside the class range [0, {num_classes})")
     return SampleInfo(row, parse_nframes(bytes(sample.nframes_raw)), int(shards.width[row]),
-                      int(shards.height[row]), parse_label(bytes(sample.label_raw)))
+                      int(shards.height[row]), label)
 
 
 class EpochPosition:
@@ -375,8 +398,10 @@ def choose_backend(requested: str, codec: str, device: torch.device | None) -> t
 
 def build_loader(data_cfg: DataConfig, videos_per_gpu: int, rank: int, world_size: int,
                  mode: str = "train", seed: int = 0, epoch: int = 0, start_step: int = 0,
-                 device: torch.device | str | None = None):
-    """The input pipeline for one rank: a DaliLoader or a FallbackLoader (see module doc)."""
+                 device: torch.device | str | None = None, num_classes: int | None = None):
+    """The input pipeline for one rank: a DaliLoader or a FallbackLoader (see module doc).
+
+    `num_classes` (classification): labels outside [0, num_classes) are bad samples."""
     check_loader_args(data_cfg, videos_per_gpu, rank, world_size, mode, start_step)
     device = torch.device(device) if device is not None else None
     shards = open_shard_set(data_cfg.shards)
@@ -385,11 +410,23 @@ def build_loader(data_cfg: DataConfig, videos_per_gpu: int, rank: int, world_siz
              backend, why)
     if backend == "dali":
         from vmaescale.data.dali import DaliLoader
-        return DaliLoader(shards, data_cfg, videos_per_gpu, rank, world_size, mode, seed, epoch,
-                          start_step, device)
-    from vmaescale.data.fallback import FallbackLoader
-    return FallbackLoader(shards, data_cfg, videos_per_gpu, rank, world_size, mode, seed, epoch,
-                          start_step)
+        loader = DaliLoader(shards, data_cfg, videos_per_gpu, rank, world_size, mode, seed, epoch,
+                            start_step, device, num_classes)
+    else:
+        check_fallback_augmentation(data_cfg, mode)
+        from vmaescale.data.fallback import FallbackLoader
+        loader = FallbackLoader(shards, data_cfg, videos_per_gpu, rank, world_size, mode, seed,
+                                epoch, start_step, num_classes)
+    return loader
+
+
+def check_fallback_augmentation(data_cfg: DataConfig, mode: str) -> None:
+    """The fallback loader has no frame-consistent RandAugment: refuse it, naming the option."""
+    if mode == "train" and data_cfg.rand_augment != "none":
+        raise ValueError(f"data.rand_augment={data_cfg.rand_augment!r} needs the DALI backend "
+                         "(nvidia.dali.auto_aug, one op per clip on every frame); the fallback "
+                         "loader has none here (torchvision, and so timm, does not import next to "
+                         "this torch build). Set data.rand_augment='none' or use data.backend='dali'")
 
 
 def batches_from_videos(videos: Iterator[DecodedVideo | BadSample], bad_log: BadSampleLog,

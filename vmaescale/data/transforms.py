@@ -12,6 +12,9 @@ Train (VideoMAE V2 pretraining):
   `GroupMultiScaleCrop` (scales [1, .875, .75, .66] of the short side, max_distort 1,
   13 fixed offsets), the same box for every frame, resized to `image_size`.
 
+Finetuning adds a random resized crop instead, a flip, RandAugment and random erasing per
+clip (`vmaescale.data.augment`), drawn here too.
+
 Eval: `test_num_segment` evenly spaced clips; frames resized so the short side is
 `short_side`; `test_num_crop` square crops of `image_size` (3: start / centre / end of the
 long side, 1: centre).
@@ -24,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from vmaescale.data.augment import (TrainAugment, apply_erasing, rand_augment_params,
+                                    random_erasing_box, random_resized_crop_box)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,10 +50,14 @@ class CropBox:
 
 @dataclass(frozen=True)
 class TrainView:
-    """What one decoded training video yields: frame indices and one box per clip."""
+    """What one decoded training video yields: frame indices and, per clip, one crop box
+    (all frames), and the finetuning extras (`vmaescale.data.augment`) when configured."""
 
     frame_indices: np.ndarray  # int32 [T]
     boxes: tuple[CropBox, ...]  # num_sample boxes
+    flips: tuple[bool, ...] = ()  # per clip; () = no flip augmentation
+    rand_augment: np.ndarray | None = None  # int32 [num_sample, n, 3] (op, magnitude bin, sign)
+    erase: tuple = ()  # per clip: EraseBox or None; () = no erasing
 
 
 @dataclass(frozen=True)
@@ -127,13 +137,36 @@ def multi_scale_crop_params(rng: np.random.Generator, width: int, height: int,
 
 
 def train_view(seed: int, epoch: int, video_index: int, nframes: int, width: int, height: int,
-               num_frames: int, stride: int, image_size: int, num_sample: int) -> TrainView:
-    """Frames and `num_sample` crop boxes for one training video in one epoch."""
+               num_frames: int, stride: int, image_size: int, num_sample: int,
+               aug: TrainAugment | None = None) -> TrainView:
+    """Frames and, per clip of `num_sample`, its crop box and extras, for one video in one epoch.
+
+    Draw order: the start frame, then per clip its box, flip, RandAugment and erasing (each
+    only when configured), so pretraining draws exactly what it always drew."""
+    aug = aug or TrainAugment()
     rng = video_rng(seed, epoch, video_index)
     start = sample_clip_start(rng, nframes, num_frames, stride)
-    boxes = tuple(multi_scale_crop_params(rng, width, height, image_size)
-                  for _ in range(num_sample))
-    return TrainView(clip_frame_indices(start, nframes, num_frames, stride), boxes)
+    boxes, flips, rand_aug, erase = [], [], [], []
+    for _ in range(num_sample):
+        if aug.crop == "random_resized":
+            boxes.append(CropBox(*random_resized_crop_box(rng, width, height, aug.crop_scale, aug.crop_ratio)))
+        else:
+            boxes.append(multi_scale_crop_params(rng, width, height, image_size))
+        if aug.flip:
+            flips.append(bool(rng.random() < 0.5))
+        if aug.rand_augment is not None:
+            rand_aug.append(rand_augment_params(rng, aug.rand_augment))
+        if aug.erase_prob > 0:
+            erase.append(random_erasing_box(rng, image_size, aug.erase_prob))
+    return TrainView(clip_frame_indices(start, nframes, num_frames, stride), tuple(boxes),
+                     tuple(flips), np.stack(rand_aug) if rand_aug else None, tuple(erase))
+
+
+def finish_train_clips(clips: torch.Tensor, view: TrainView) -> torch.Tensor:
+    """Normalized [num_sample, 3, T, S, S] -> the same with each clip's erasing applied."""
+    if not view.erase:
+        return clips
+    return torch.stack([apply_erasing(clip, box) for clip, box in zip(clips, view.erase)])
 
 
 def short_side_resize_wh(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -4,7 +4,8 @@
       model.safetensors   the model's state_dict (our key names, contiguous tensors)
       vmaescale.json      {"format": "vmaescale", "version": 1, "task": "pretrain" | "classification",
                            "size": ModelSize.to_dict(), "num_frames", "image_size",
-                           "decoder_depth" (pretrain) | "num_classes" (classification),
+                           "decoder_depth" (pretrain) | "num_classes" and optional
+                           "class_names" (classification),
                            "source": free text}
 
 Other files in the directory (a training run's resolved `config.json`, ...) are ignored
@@ -52,6 +53,8 @@ def model_meta(model: nn.Module) -> dict:
         meta["decoder_depth"] = model.decoder_depth
     else:
         meta["num_classes"] = model.num_classes
+        if model.class_names:
+            meta["class_names"] = list(model.class_names)
     return meta
 
 
@@ -74,7 +77,8 @@ def build_model(meta: dict, **model_kwargs) -> nn.Module:
     shape = dict(num_frames=meta["num_frames"], image_size=meta["image_size"])
     if meta["task"] == "pretrain":
         return VideoMAEPretrain(size, decoder_depth=meta["decoder_depth"], **shape, **model_kwargs)
-    return VideoClassifier(size, meta["num_classes"], **shape, **model_kwargs)
+    return VideoClassifier(size, meta["num_classes"], **shape,
+                           class_names=tuple(meta.get("class_names") or ()), **model_kwargs)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:

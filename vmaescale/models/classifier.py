@@ -10,19 +10,23 @@ import torch
 from torch import nn
 
 from vmaescale.models.sizes import ModelSize
-from vmaescale.models.vit import PatchEmbed, make_blocks, run_blocks, sinusoid_table
+from vmaescale.models.vit import OptimizerInterface, PatchEmbed, make_blocks, run_blocks, sinusoid_table
 
 
 # Pretraining / finetune keys that are not part of the classifier's encoder.
 NOT_ENCODER_PREFIXES = ("decoder.", "encoder_to_decoder.", "mask_token", "norm.", "fc_norm.", "head.")
 
 
-class VideoClassifier(nn.Module):
+class VideoClassifier(OptimizerInterface, nn.Module):
     def __init__(self, size: ModelSize, num_classes: int, num_frames: int = 16,
                  image_size: int = 224, drop_path: float = 0.1, head_dropout: float = 0.0,
-                 init_scale: float = 0.001, use_checkpoint: bool = False):
+                 init_scale: float = 0.001, use_checkpoint: bool = False,
+                 class_names: tuple[str, ...] | list[str] = ()):
         super().__init__()
+        if class_names and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for a {num_classes}-class head")
         self.size, self.num_classes = size, num_classes
+        self.class_names = tuple(class_names)  # () when the label set is unnamed
         self.num_frames, self.image_size = num_frames, image_size
         n = (num_frames // size.tubelet_size) * (image_size // size.patch_size) ** 2
         self.num_tokens = n

@@ -503,12 +503,25 @@ def import_hf(path: str | Path, num_frames: int | None = None, image_size: int |
     notes.append(note)
     found = hf_state["classifier.weight"].shape[0] if task == "classification" else None
     meta = imported_meta(task, size, frames, image, config["decoder_num_hidden_layers"], num_classes, found)
+    names = hf_class_names(config) if task == "classification" else None
+    if names and len(names) == found:
+        meta["class_names"] = list(names)
+        notes.append(f"class names from config.json id2label ({len(names)})")
     model = build_model(meta)
     state = from_hf_state_dict(hf_state, hf_source_keys(model, task, hf_state), task, str(path),
                                config["qv_bias"])
     weights = SourceWeights(task, state, notes)
     load_weights(model, weights, str(path))
     return ImportResult(model, weights.notes)
+
+
+def hf_class_names(config: dict) -> list[str] | None:
+    """id2label in index order, or None when it holds only transformers' LABEL_i defaults."""
+    id2label = config.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None
+    return names
 
 
 def hf_source_keys(model: nn.Module, task: str, hf_state: dict) -> list[str]:
@@ -560,7 +573,8 @@ def hf_config(meta: dict, dtype: torch.dtype = torch.float32) -> tuple[dict, lis
         "dtype": str(dtype).removeprefix("torch."),
     }
     if task == "classification":
-        labels = {str(i): f"LABEL_{i}" for i in range(meta["num_classes"])}
+        names = meta.get("class_names") or [f"LABEL_{i}" for i in range(meta["num_classes"])]
+        labels = {str(i): str(name) for i, name in enumerate(names)}
         config |= {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
     notes = [f"architecture {HF_ARCHITECTURES[task]}, layer_norm_eps {size.norm_eps}"]
     if size.head_norm_eps != HF_HEAD_NORM_EPS:

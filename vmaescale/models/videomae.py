@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmaescale.models.sizes import ModelSize
-from vmaescale.models.vit import PatchEmbed, make_blocks, run_blocks, sinusoid_table
+from vmaescale.models.vit import OptimizerInterface, PatchEmbed, make_blocks, run_blocks, sinusoid_table
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,8 +100,11 @@ class Decoder(nn.Module):
         return self.head(self.norm(x[:, -num_predicted:]))
 
 
-class VideoMAEPretrain(nn.Module):
+class VideoMAEPretrain(OptimizerInterface, nn.Module):
     """The VideoMAE / VideoMAE V2 pretraining model (encoder, decoder, loss)."""
+
+    encoder_prefix = "encoder."
+    no_weight_decay_names = ("pos_embed", "mask_token")
 
     def __init__(self, size: ModelSize, num_frames: int = 16, image_size: int = 224,
                  decoder_depth: int = 4, drop_path: float = 0.0, use_checkpoint: bool = False):

@@ -7,6 +7,8 @@ without renaming. Single-device code: no distributed or tracking imports.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -128,3 +130,38 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> 
         else:
             x = blk(x)
     return x
+
+
+class OptimizerInterface:
+    """What training code needs from a model, so that it never spells a parameter name.
+
+    - `optimizer_layer_id(name)`: the layer-decay id of a parameter, the official rule:
+      patch embedding (and position / mask tokens) 0, block k -> k + 1, everything after
+      the blocks (final norm, fc_norm, head, the pretraining decoder) `num_layers + 1`;
+    - `optimizer_num_layers`: the encoder depth L (layer scale = decay^(L + 1 - id));
+    - `no_weight_decay_names`: parameter names (last component) that get no weight decay
+      besides 1-D tensors and biases;
+    - `zero3_leaf_modules()`: module classes ZeRO-3 must gather whole (Attention reads
+      qkv.weight itself, which compiled ZeRO-3 cannot follow).
+    Models set `encoder_prefix` ("encoder." for pretraining, "" for classifiers) and `size`.
+    """
+
+    encoder_prefix = ""
+    no_weight_decay_names: tuple[str, ...] = ("pos_embed",)
+    EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "mask_token")
+
+    @property
+    def optimizer_num_layers(self) -> int:
+        return self.size.depth
+
+    def optimizer_layer_id(self, name: str) -> int:
+        bare = name.removeprefix(self.encoder_prefix)
+        if bare.startswith(self.EMBEDDING_NAMES):
+            return 0
+        match = re.match(r"blocks\.(\d+)\.", bare)
+        if match:
+            return int(match.group(1)) + 1
+        return self.optimizer_num_layers + 1
+
+    def zero3_leaf_modules(self) -> list[type[nn.Module]]:
+        return [Attention]

@@ -4,6 +4,7 @@ Layout under `<output_dir>/checkpoints/`:
 
     step_00000100/              DeepSpeed files of every rank
     step_00000100/rank_state_<r>.pt   this rank's RNG and loader state
+    step_00000100/shared_state.safetensors  state equal on every rank (the weight EMA), if any
     step_00000100/complete.json       written last: step, world size, run state
     latest                            tag of the newest complete checkpoint (atomic rename)
 
@@ -23,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from vmaescale.fileio import write_atomic
 
 COMPLETE = "complete.json"
+SHARED_STATE = "shared_state.safetensors"
 
 
 def tag_for(step: int) -> str:
@@ -48,14 +51,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict, rank_state: dict,
-                    rank: int, world_size: int, keep: int) -> str:
-    """Every rank calls this. Returns the tag once it is complete on disk."""
+                    rank: int, world_size: int, keep: int,
+                    shared_state: dict[str, torch.Tensor] | None = None) -> str:
+    """Every rank calls this. Returns the tag once it is complete on disk.
+
+    `shared_state`: tensors equal on every rank (a weight EMA), written once by rank 0 as
+    SHARED_STATE (safetensors) before the checkpoint is marked complete.
+    """
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"run_state": run_state},
                            save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"rank_state_{rank}.pt")
     dist.barrier()
     if rank == 0:
+        if shared_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in shared_state.items()},
+                      str(ckpt_dir / tag / SHARED_STATE))
         meta = {"step": step, "world_size": world_size, "run_state": run_state}
         write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=2))
         write_atomic(ckpt_dir / "latest", tag)

@@ -104,14 +104,14 @@ def merge_dicts(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, num_layers: int) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, num_layers)
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     return torch.optim.AdamW(groups, lr=cfg.optim.base_lr, betas=tuple(cfg.optim.betas),
                              eps=cfg.optim.eps)
 
 
-def gather_attention_whole_under_zero3(model: nn.Module) -> None:
-    """Make every Attention a ZeRO-3 leaf, so its pre-forward hook gathers qkv.weight too.
+def gather_leaf_modules_whole_under_zero3(model: nn.Module) -> None:
+    """Make the model's ZeRO-3 leaf modules gather all their parameters in one pre-forward hook.
 
     Attention reads `self.qkv.weight` itself instead of calling `self.qkv`, so the qkv
     Linear's own hook never runs. Eager ZeRO-3 gathers such a parameter when it is read,
@@ -122,18 +122,16 @@ def gather_attention_whole_under_zero3(model: nn.Module) -> None:
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    from vmaescale.models.vit import Attention
-    set_z3_leaf_modules(model, [Attention])
+    set_z3_leaf_modules(model, model.zero3_leaf_modules())
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, ds_config: dict, schedule_args: dict,
-                 num_layers: int):
+def build_engine(model: nn.Module, cfg: RunConfig, ds_config: dict, schedule_args: dict):
     """deepspeed.initialize with a client AdamW and the warmup-cosine schedule."""
     import deepspeed
 
     if cfg.model.compile and cfg.train.zero_stage == 3:
-        gather_attention_whole_under_zero3(model)
-    optimizer = build_optimizer(model, cfg, num_layers)
+        gather_leaf_modules_whole_under_zero3(model)
+    optimizer = build_optimizer(model, cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: WarmupCosineSchedule(opt, **schedule_args))

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
-
-NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token")
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -16,32 +13,31 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """1-D params (norms, q/v biases), biases, position tables and mask tokens get no decay."""
-    return param.ndim == 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+def skips_weight_decay(model: nn.Module, name: str, param: torch.Tensor) -> bool:
+    """1-D params (norms, q/v biases), biases and the model's no-decay names get no decay."""
+    return (param.ndim == 1 or name.endswith(".bias")
+            or name.split(".")[-1] in model.no_weight_decay_names)
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """patch_embed -> 0, block k -> k + 1, everything after the blocks -> num_layers + 1."""
-    bare = name.removeprefix("encoder.")
-    if bare.startswith(("patch_embed", "pos_embed", "cls_token", "mask_token")):
-        return 0
-    match = re.match(r"blocks\.(\d+)\.", bare)
-    if match:
-        return int(match.group(1)) + 1
-    return num_layers + 1
+def layer_scale(layer_decay: float, layer: int, num_layers: int) -> float:
+    """The official layer-wise lr scale: decay^(L + 1 - layer)."""
+    return layer_decay ** (num_layers + 1 - layer)
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
-                 num_layers: int = 0) -> list[dict]:
-    """AdamW groups keyed by (decay, layer); each carries `lr_scale` = decay^(L + 1 - layer)."""
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups keyed by (decay, layer); each carries `lr_scale` = decay^(L + 1 - layer).
+
+    The model says which layer each parameter is in and which names skip weight decay
+    (`vmaescale.models.vit.OptimizerInterface`); this function names no parameter.
+    """
+    num_layers = model.optimizer_num_layers
     groups: dict[tuple[bool, int], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = not skips_weight_decay(name, param)
-        layer = layer_id(name, num_layers) if layer_decay != 1.0 else 0
-        scale = layer_decay ** (num_layers + 1 - layer) if layer_decay != 1.0 else 1.0
+        decay = not skips_weight_decay(model, name, param)
+        layer = model.optimizer_layer_id(name) if layer_decay != 1.0 else 0
+        scale = layer_scale(layer_decay, layer, num_layers) if layer_decay != 1.0 else 1.0
         group = groups.setdefault((decay, layer), {
             "params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
             "name": f"{'decay' if decay else 'no_decay'}_layer{layer}"})

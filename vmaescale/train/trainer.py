@@ -1,13 +1,15 @@
-"""The pretraining loop: DeepSpeed engine, masks on device, metrics, checkpoints, resume.
+"""THE training loop, shared by every stage: DeepSpeed engine, resume, signals, non-finite
+handling, gradient accumulation, metrics, checkpoints, `final/`, `best/` and the summary.
 
-    run = Pretraining(cfg); summary = run.train()
+    trainer = Trainer(cfg); summary = trainer.train()
 
+What differs per stage lives in a small task object (`vmaescale.train.tasks`): the model,
+the loader, batch -> loss, FLOPs per clip, what to evaluate and when, what `final/` holds.
 Every rank runs the same loop; rank 0 alone talks to MLflow and prints progress.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
@@ -21,14 +23,12 @@ import torch.distributed as dist
 
 from vmaescale import __version__
 from vmaescale.config import RunConfig
-from vmaescale.masking import MaskGenerator, token_grid
-from vmaescale.models.flops import clip_macs, mfu, peak_tflops
-from vmaescale.models.sizes import get_size
-from vmaescale.models.videomae import VideoMAEPretrain
+from vmaescale.models.flops import mfu, peak_tflops
 from vmaescale.train import checkpoint as ckpt
 from vmaescale.train.engine import (build_engine, deepspeed_config, dist_env, init_distributed,
                                     resolve_precision)
 from vmaescale.train.optim import scaled_lr
+from vmaescale.train.tasks import RunContext, make_task
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,41 +61,6 @@ class BadInARow:
         self.count = 0
 
 
-def build_model(cfg: RunConfig) -> VideoMAEPretrain:
-    return VideoMAEPretrain(get_size(cfg.model.size), cfg.data.num_frames, cfg.data.image_size,
-                            cfg.model.decoder_depth, cfg.model.drop_path,
-                            cfg.model.checkpoint_activations)
-
-
-def build_train_loader(cfg: RunConfig, rank: int, world_size: int, epoch: int, start_step: int,
-                       device: torch.device):
-    """The configured loader for one epoch, starting at micro step `start_step`."""
-    if cfg.data.backend == "synthetic":
-        from vmaescale.data.memory import InMemoryClips
-        steps = cfg.train.steps_per_epoch or 100
-        return InMemoryClips(cfg.train.videos_per_gpu * cfg.data.num_sample, cfg.data.num_frames,
-                             cfg.data.image_size, steps, cfg.train.seed, rank, device,
-                             start_step=start_step)
-    from vmaescale.data.loader import build_loader
-    return build_loader(cfg.data, cfg.train.videos_per_gpu, rank, world_size, mode="train",
-                        seed=cfg.train.seed, epoch=epoch, start_step=start_step, device=device)
-
-
-def validation_clips(cfg: RunConfig, device: torch.device, count: int = 4) -> torch.Tensor:
-    """A fixed set of centre clips for reconstructions, the same on every rank."""
-    if cfg.data.backend == "synthetic":
-        from vmaescale.data.memory import InMemoryClips
-        batch = next(iter(InMemoryClips(count, cfg.data.num_frames, cfg.data.image_size, 1,
-                                        seed=12345, device=device)))
-        return batch["video"]
-    from vmaescale.data.loader import build_loader
-    data = dataclasses.replace(cfg.data, shards=cfg.data.val_shards or cfg.data.shards,
-                               test_num_segment=1, test_num_crop=1, short_side=cfg.data.image_size,
-                               num_workers=0)
-    loader = build_loader(data, count, 0, 1, mode="eval", seed=0, epoch=0, start_step=0, device=device)
-    return next(iter(loader))["video"][:count].to(device)
-
-
 class StopFlag:
     """SIGTERM / SIGUSR1 set the flag; the loop checkpoints and exits at the next step."""
 
@@ -108,7 +73,7 @@ class StopFlag:
         self.raised = True
 
 
-class Pretraining:
+class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.env = dist_env()
@@ -121,24 +86,23 @@ class Pretraining:
         self.stop = StopFlag()
         self.first_loss: tuple[int, float] | None = None  # (step, loss) of this run's first log
         self.last_metrics: dict = {}
-        self.last_recon: dict | None = None
+        self.last_eval: dict | None = None
+        self.task = make_task(RunContext(cfg, self.rank, self.world, self.device, self.precision,
+                                         self.out))
         self._setup()
 
     # ---- set-up -------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
-        self.model = build_model(cfg).to(self.device)
-        self.grid = token_grid(cfg.data.num_frames, cfg.data.image_size, self.model.size.patch_size)
-        self.masks = MaskGenerator(self.grid, cfg.mask.encoder, cfg.mask.encoder_ratio,
-                                   cfg.mask.decoder, cfg.mask.decoder_ratio, self.device,
-                                   seed=cfg.train.seed * 1000 + self.rank)
+        self.model = self.task.build_model().to(self.device)
+        self.task.setup(self.model)
         self.run_state = {"step": 0, "epoch": 0, "micro_step_in_epoch": 0, "mlflow_run_id": None,
-                          "bad_samples": 0, "nonfinite_skipped": 0}
+                          "bad_samples": 0, "nonfinite_skipped": 0, "best": None}
         resume = self._resume_point()
         if resume:
             self.run_state.update(resume["meta"]["run_state"])
-        self.loader = build_train_loader(cfg, self.rank, self.world, self.run_state["epoch"],
-                                         self.run_state["micro_step_in_epoch"], self.device)
+        self.loader = self.task.train_loader(self.run_state["epoch"],
+                                             self.run_state["micro_step_in_epoch"])
         self.steps_per_epoch = self._updates_per_epoch(self.loader)
         self.total_steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * self.steps_per_epoch))
         warmup = cfg.train.warmup_steps or round(cfg.train.warmup_epochs * self.steps_per_epoch)
@@ -150,17 +114,15 @@ class Pretraining:
         self.ds_config = deepspeed_config(cfg, self.world, self.precision)
         if resume and resume["universal"]:
             self.ds_config["checkpoint"] = {"load_universal": True}
-        self.engine, self.optimizer, self.scheduler = build_engine(
-            self.model, cfg, self.ds_config, schedule, self.model.size.depth)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg, self.ds_config,
+                                                                   schedule)
+        self.task.attach_engine(self.engine)
         if resume:
             self._load(resume)
-        macs = clip_macs(self.model.size, cfg.data.num_frames, cfg.data.image_size,
-                         cfg.mask.encoder, cfg.mask.encoder_ratio, cfg.mask.decoder,
-                         cfg.mask.decoder_ratio, cfg.model.decoder_depth)
-        self.train_flops_per_clip = macs.training_flops
+        self.train_flops_per_clip = self.task.train_flops_per_clip()
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops(self._device_name())
         self.tracker = self._tracker()
-        self.val_clips = validation_clips(cfg, self.device)
+        self.task.prepare_evaluation(self.tracker)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
@@ -204,14 +166,16 @@ class Pretraining:
         if rank_file.is_file() and not resume["universal"]:
             state = torch.load(rank_file, weights_only=False)
             ckpt.set_rng_state(state["rng"])
-            self.masks.load_state_dict(state["masks"])
+            self.task.load_state_dict(state)
+        self.task.load_shared_state(self.ckpt_dir / tag)
+        self.last_tag = tag
         self.log(f"resumed from {self.ckpt_dir / tag} at step {self.run_state['step']}")
 
     def _tracker(self):
         from vmaescale.tracking import Tracker
         tags = {"world_size": str(self.world), "device": self._device_name(),
                 "precision": self.precision, "vmaescale_version": __version__,
-                "zero_stage": str(self.cfg.train.zero_stage)}
+                "zero_stage": str(self.cfg.train.zero_stage), "task": self.cfg.task}
         tracker = Tracker(self.cfg.tracking, self.rank, self.out, self.cfg.to_dict(),
                           run_id=self.run_state["mlflow_run_id"], tags=tags)
         self.run_state["mlflow_run_id"] = tracker.run_id
@@ -220,10 +184,7 @@ class Pretraining:
     # ---- one step -----------------------------------------------------------------------
     def forward_backward(self, batch: dict) -> torch.Tensor | None:
         """One micro step; returns the detached loss, or None when it was non-finite."""
-        video = batch["video"].to(self.device, non_blocking=True)
-        mask, decoder_mask = self.masks(video.shape[0])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            loss, _ = self.engine(video, mask, decoder_mask)
+        loss = self.task.loss(self.engine, batch, self.run_state)
         if not self._all_finite(loss):
             return None
         self.engine.backward(loss)
@@ -249,8 +210,7 @@ class Pretraining:
             self.run_state["epoch"] += 1
             self.run_state["micro_step_in_epoch"] = 0
             self.run_state["bad_samples"] += getattr(self.loader, "bad_samples", 0)
-            self.loader = build_train_loader(self.cfg, self.rank, self.world,
-                                             self.run_state["epoch"], 0, self.device)
+            self.loader = self.task.train_loader(self.run_state["epoch"], 0)
             it = iter(self.loader)
             return next(it), it
 
@@ -258,7 +218,6 @@ class Pretraining:
     def train(self) -> dict:
         cfg, rs = self.cfg, self.run_state
         accum = cfg.train.grad_accum
-        clips_per_micro = cfg.train.videos_per_gpu * cfg.data.num_sample
         window = Window()
         bad_losses = BadInARow("non-finite losses", "non-finite loss, micro batch skipped", cfg.train.max_bad_steps)
         skipped = BadInARow("optimizer steps skipped by DeepSpeed (non-finite gradients)",
@@ -291,28 +250,32 @@ class Pretraining:
                 bad_losses.reset()
                 good += 1
                 window.add_loss(loss)
-                window.clips += clips_per_micro
+                window.clips += batch["video"].shape[0]
             if self.engine.skipped_steps > skipped_before:  # finite loss, non-finite gradients
                 self.log(skipped.add(rs["step"]))
             else:
                 skipped.reset()
+            self.task.after_optimizer_step(self.engine)
             rs["step"] += 1
             window.step_s += time.perf_counter() - t0
             progress.update(1)
             if rs["step"] % cfg.train.log_every == 0 or rs["step"] == self.total_steps:
                 self._log_window(window, progress)
                 window = Window()
-            if cfg.train.recon_every and rs["step"] % cfg.train.recon_every == 0:
-                self.log_reconstructions()
+            if rs["step"] < self.total_steps and self.task.evaluation_due(rs["step"], self.steps_per_epoch):
+                self.evaluate()
             if rs["step"] % cfg.train.checkpoint_every == 0 and rs["step"] < self.total_steps:
                 self.save()
         progress.close()
-        self.save()
         if status == "completed" and rs["step"] < self.total_steps:
             status = "paused"
         if status == "completed":
-            self.log_reconstructions()
+            self.evaluate(save=False)
+        self.save()
+        if status == "completed":
             self.write_final()
+            if self._improved:
+                self.write_best()
         summary = self._summary(status, rs["step"] - start_step, time.time() - t_start)
         self.tracker.log_dict(summary, "summary.json")
         self.tracker.finish({"completed": "FINISHED", "paused": "FINISHED"}.get(status, "KILLED"))
@@ -320,7 +283,7 @@ class Pretraining:
 
     def _progress(self):
         from tqdm import tqdm
-        return tqdm(total=self.total_steps, initial=self.run_state["step"], desc="pretrain",
+        return tqdm(total=self.total_steps, initial=self.run_state["step"], desc=self.cfg.task,
                     unit="step", disable=self.rank != 0, dynamic_ncols=True, file=sys.stdout)
 
     def _log_window(self, window: "Window", progress) -> None:
@@ -358,71 +321,73 @@ class Pretraining:
                            f"grad {metrics['grad_norm']:.3f}  clips/s {clips_per_s:.1f}  "
                            f"mfu {mfu_text(metrics.get('mfu'))}  data {metrics['data_wait_frac'] * 100:.0f}%")
         self.tracker.log_metrics(metrics, self.run_state["step"])
+        self.append_metrics(metrics)
+
+    def append_metrics(self, metrics: dict) -> None:
+        """One line of `metrics.jsonl` (rank 0)."""
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.run_state["step"], **metrics}) + "\n")
 
+    # ---- evaluation, best/ --------------------------------------------------------------
+    _improved = False  # the last evaluation set a new best; best/ is written after the next save
+
+    def evaluate(self, save: bool = True) -> None:
+        """The task's evaluation (every rank); a new best is checkpointed and written to best/.
+
+        With save=False (the end of the run) the caller's final checkpoint is the one best/
+        is consolidated from.
+        """
+        result = self.task.evaluate(self.run_state["step"])
+        if result is None:
+            return
+        self.last_eval = result
+        step = self.run_state["step"]
+        self.tracker.log_metrics(result.metrics, step)
+        if result.metrics:
+            self.append_metrics(result.metrics)
+            self.log(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        best = self.run_state["best"]
+        self._improved = result.score is not None and (best is None or result.score > best["score"])
+        if self._improved:
+            self.run_state["best"] = {"score": result.score, "step": step, "metric": result.score_name}
+            if save:
+                self.save()
+                self.write_best()
+
+    def write_best(self) -> None:
+        """best/: the weights of the checkpoint just saved, consolidated like final/."""
+        self._write_model_dir("best")
+        self._improved = False
+        self.log(f"best/ updated: {self.run_state['best']['metric']} {self.run_state['best']['score']:.4g} "
+                 f"at step {self.run_state['best']['step']}")
+
     # ---- outputs ------------------------------------------------------------------------
     def save(self) -> str:
-        rank_state = {"rng": ckpt.rng_state(), "masks": self.masks.state_dict()}
+        rank_state = {"rng": ckpt.rng_state(), **self.task.state_dict()}
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.run_state["step"],
                                    dict(self.run_state), rank_state, self.rank, self.world,
-                                   self.cfg.train.keep_checkpoints)
+                                   self.cfg.train.keep_checkpoints,
+                                   shared_state=self.task.shared_state())
         self.last_tag = tag
         return tag
 
-    def log_reconstructions(self) -> None:
-        """Reconstruct the fixed validation clips (every rank: ZeRO-3 needs all), rank 0 logs.
-
-        The forward runs eagerly under model.compile: torch.compile guards on eval mode and
-        no_grad, so a compiled call would build (and keep) a second graph for this rare call.
-        """
-        from vmaescale.eval.reconstruction import (masked_input, reconstruct_clip, region_metrics,
-                                                   save_reconstruction_grid)
-        from vmaescale.models.videomae import decoded_positions, unnormalize
-
-        model = self.engine.module
-        size = model.size
-        gen = MaskGenerator(self.grid, self.cfg.mask.encoder, self.cfg.mask.encoder_ratio,
-                            self.cfg.mask.decoder, self.cfg.mask.decoder_ratio, self.device, seed=4321)
-        video = self.val_clips
-        mask, decoder_mask = gen(video.shape[0])
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"), torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            _, pred = model(video, mask, decoder_mask)
-        model.train(was_training)
-        if self.rank != 0:
-            return
-        decoded = decoded_positions(mask, decoder_mask)
-        recon = reconstruct_clip(video.float(), pred.float(), mask, decoded, size.patch_size, size.tubelet_size)
-        original = unnormalize(video.float()).clamp(0, 1)
-        region = mask & decoded
-        metrics = region_metrics(original, recon, region, size.patch_size, size.tubelet_size)
-        step = self.run_state["step"]
-        path = save_reconstruction_grid(original, masked_input(video.float(), mask, size.patch_size, size.tubelet_size),
-                                        recon, self.out / "reconstructions" / f"step_{step:08d}.png")
-        self.last_recon = {"path": str(path), **metrics}
-        self.tracker.log_image(path)
-        self.tracker.log_metrics({f"recon_{k}": v for k, v in metrics.items()}, step)
-
     def write_final(self) -> None:
         """final/: consolidated fp32 weights (safetensors) and the resolved config (rank 0)."""
-        state = ckpt.fp32_state_dict(self.ckpt_dir, self.last_tag, self.engine) if self.rank == 0 else None
-        dist.barrier()
-        if self.rank != 0:
-            return
-        from vmaescale.models.checkpoint import save_model_dir
-        model = build_model(self.cfg)
-        model.load_state_dict(state, strict=True)
-        save_model_dir(model, self.out / "final", source=f"vmaescale pretraining {self.cfg.name}",
-                       extra_files={"config.json": json.dumps(self.cfg.to_dict(), indent=2)})
+        self._write_model_dir("final")
         self.tracker.log_artifact(self.out / "config.json")
 
+    def _write_model_dir(self, name: str) -> None:
+        state = ckpt.fp32_state_dict(self.ckpt_dir, self.last_tag, self.engine) if self.rank == 0 else None
+        dist.barrier()
+        if self.rank == 0:
+            self.task.write_model_dir(state, self.out / name, self.ckpt_dir / self.last_tag)
+        dist.barrier()
+
     def _summary(self, status: str, steps: int, elapsed_s: float) -> dict:
-        summary = {"status": status, "steps_this_run": steps, "step": self.run_state["step"],
-                   "total_steps": self.total_steps, "elapsed_s": round(elapsed_s, 1),
+        summary = {"task": self.cfg.task, "status": status, "steps_this_run": steps,
+                   "step": self.run_state["step"], "total_steps": self.total_steps,
+                   "elapsed_s": round(elapsed_s, 1),
                    "checkpoint": str(self.ckpt_dir / self.last_tag),
                    "final": str(self.out / "final") if status == "completed" else None,
                    "mlflow_run_id": self.tracker.run_id,
@@ -430,8 +395,11 @@ class Pretraining:
         if self.first_loss is not None:  # metrics were logged in this run
             summary["first_logged"] = f"step {self.first_loss[0]}: loss {self.first_loss[1]:.4f}"
             summary.update({k: self.last_metrics.get(k) for k in ("loss", "clips_per_s", "mfu")})
-        if self.last_recon:
-            summary["reconstruction"] = self.last_recon
+        if self.last_eval is not None:
+            summary.update(self.last_eval.summary)
+        if self.run_state["best"] is not None and (self.out / "best").is_dir():
+            best = self.run_state["best"]
+            summary["best"] = f"{self.out / 'best'}  ({best['metric']} {best['score']:.4g} at step {best['step']})"
         return summary
 
     def log(self, text: str) -> None:
@@ -482,7 +450,9 @@ def summary_text(key: str, value) -> str:
 
 def print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
-    print("\n== pretraining summary " + "=" * 40)
+    print(f"\n== {summary.get('task', 'training')} summary " + "=" * 40)
     for key, value in summary.items():
+        if key == "task":
+            continue
         if value is not None or key == "mfu":  # mfu None: unknown peak, printed as n/a
             print(f"{key:<{width}}  {summary_text(key, value)}")
