@@ -333,6 +333,7 @@ class DaliLoader(EpochPosition):
         self.shards, self.cfg, self.mode, self.device = shards, data_cfg, mode, device
         self.videos_per_gpu, self.rank, self.world_size = videos_per_gpu, rank, world_size
         self.seed, self.num_classes = seed, num_classes
+        self.decoder: DaliVideoDecoder | None = None
         probe = reader_pipeline(shards, 1, 0, 1, 0, 0)
         self.reader_samples = int(probe.reader_meta("reader")["epoch_size"])
         del probe
@@ -364,8 +365,11 @@ class DaliLoader(EpochPosition):
         return itertools.islice(samples, self.start_step * self.videos_per_gpu, None)
 
     def _decoded_videos(self) -> Iterator[DecodedVideo | BadSample]:
-        decoder = DaliVideoDecoder(self.cfg, self.mode, self.videos_per_gpu, self.device,
-                                   self.seed, self.epoch)
+        if self.decoder is None:  # built once: its pipeline holds no per-epoch state
+            self.decoder = DaliVideoDecoder(self.cfg, self.mode, self.videos_per_gpu, self.device,
+                                            self.seed, self.epoch)
+        decoder = self.decoder
+        decoder.epoch = self.epoch
         samples = self._raw_samples()
         while chunk := list(itertools.islice(samples, self.videos_per_gpu)):
             ready = []

@@ -261,10 +261,12 @@ class EpochPosition:
         return self._bad.failed
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next iteration covers `epoch` from micro step `start_step`."""
+        """The next iteration covers `epoch` from micro step `start_step`; `bad_samples`
+        counts from 0 again (it is per epoch)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} is outside [0, {self.steps_per_epoch}]")
         self.epoch, self.start_step = epoch, start_step
+        self._bad.count = 0
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step

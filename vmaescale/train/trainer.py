@@ -210,7 +210,10 @@ class Trainer:
             self.run_state["epoch"] += 1
             self.run_state["micro_step_in_epoch"] = 0
             self.run_state["bad_samples"] += getattr(self.loader, "bad_samples", 0)
-            self.loader = self.task.train_loader(self.run_state["epoch"], 0)
+            if hasattr(self.loader, "set_epoch"):  # keeps its pipelines (DALI builds are slow)
+                self.loader.set_epoch(self.run_state["epoch"], 0)
+            else:
+                self.loader = self.task.train_loader(self.run_state["epoch"], 0)
             it = iter(self.loader)
             return next(it), it
 
