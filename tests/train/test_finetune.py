@@ -11,11 +11,11 @@ import torch
 
 from launching import metric_rows, step_losses, torchrun
 from vmaescale.data.shards import BuildOptions, build_shards
-from vmaescale.data.synthetic import write_synthetic_videos
+from vmaescale.data.synthetic import class_names, write_synthetic_videos
 from vmaescale.models.checkpoint import load_model_dir, read_meta
 
 pytestmark = pytest.mark.slow
-CLASSES = ("down_fast", "left_fast", "right_fast", "up_fast")
+CLASSES = tuple(sorted(class_names(4)))  # labels.json: folder names, sorted
 
 
 def motion_shards(root: Path, name: str, n: int, seed: int, labels: dict | None = None) -> Path:
@@ -107,7 +107,7 @@ def test_zero3_finetune_consolidates_and_exports_with_class_names(motion, tmp_pa
     import transformers
     hf = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "hf")
     assert [hf.config.id2label[i] for i in range(4)] == list(CLASSES)
-    assert hf.config.label2id["up_fast"] == 3
+    assert hf.config.label2id[CLASSES[3]] == 3
     model = load_model_dir(out / "final").eval()
     video = torch.randn(2, 3, 8, 64, 64)
     with torch.no_grad():
