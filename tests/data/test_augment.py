@@ -94,3 +94,14 @@ def test_rand_augment_spec_and_draws():
     assert 55 <= draws[:, 1].mean() <= 85  # magnitude 7 +- noise, in bins of 0.1
     with pytest.raises(ValueError, match="accepted"):
         parse_rand_augment("auto-v0")
+
+
+@pytest.mark.parametrize("backend", ["dali", "fallback"])
+def test_labels_outside_the_class_range_are_reported_bad_samples(vp9_shards, backend):
+    data = load_config(None, [f"data.shards={vp9_shards}", f"data.backend={backend}", "data.num_frames=4",
+                              "data.image_size=32", "data.short_side=64", "data.num_workers=0",
+                              "data.test_num_segment=1", "data.test_num_crop=1"]).data
+    loader = build_loader(data, 4, 0, 1, mode="eval", num_classes=2)  # the shards hold labels 0..3
+    labels = torch.cat([b["label"] for b in loader])
+    assert labels.numel() == 6 and set(labels.tolist()) == {0, 1}  # 12 videos, round-robin classes
+    assert len(loader.failed) == 6 and all("outside the class range [0, 2)" in r for _, r in loader.failed)
