@@ -86,7 +86,8 @@ class Trainer:
         self.stop = StopFlag()
         self.first_loss: tuple[int, float] | None = None  # (step, loss) of this run's first log
         self.last_metrics: dict = {}
-        self.last_eval: dict | None = None
+        self.last_eval = None  # the last EvalResult
+        self.improved = False  # the last evaluation set a new best; best/ follows the next save
         self.task = make_task(RunContext(cfg, self.rank, self.world, self.device, self.precision,
                                          self.out))
         self._setup()
@@ -95,10 +96,10 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.model = self.task.build_model().to(self.device)
-        self.task.setup(self.model)
         self.run_state = {"step": 0, "epoch": 0, "micro_step_in_epoch": 0, "mlflow_run_id": None,
                           "bad_samples": 0, "nonfinite_skipped": 0, "best": None}
         resume = self._resume_point()
+        self.task.setup(self.model, resuming=resume is not None)
         if resume:
             self.run_state.update(resume["meta"]["run_state"])
         self.loader = self.task.train_loader(self.run_state["epoch"],
@@ -277,7 +278,7 @@ class Trainer:
         self.save()
         if status == "completed":
             self.write_final()
-            if self._improved:
+            if self.improved:
                 self.write_best()
         summary = self._summary(status, rs["step"] - start_step, time.time() - t_start)
         self.tracker.log_dict(summary, "summary.json")
@@ -333,8 +334,6 @@ class Trainer:
                 f.write(json.dumps({"step": self.run_state["step"], **metrics}) + "\n")
 
     # ---- evaluation, best/ --------------------------------------------------------------
-    _improved = False  # the last evaluation set a new best; best/ is written after the next save
-
     def evaluate(self, save: bool = True) -> None:
         """The task's evaluation (every rank); a new best is checkpointed and written to best/.
 
@@ -351,8 +350,8 @@ class Trainer:
             self.append_metrics(result.metrics)
             self.log(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
         best = self.run_state["best"]
-        self._improved = result.score is not None and (best is None or result.score > best["score"])
-        if self._improved:
+        self.improved = result.score is not None and (best is None or result.score > best["score"])
+        if self.improved:
             self.run_state["best"] = {"score": result.score, "step": step, "metric": result.score_name}
             if save:
                 self.save()
@@ -361,7 +360,7 @@ class Trainer:
     def write_best(self) -> None:
         """best/: the weights of the checkpoint just saved, consolidated like final/."""
         self._write_model_dir("best")
-        self._improved = False
+        self.improved = False
         self.log(f"best/ updated: {self.run_state['best']['metric']} {self.run_state['best']['score']:.4g} "
                  f"at step {self.run_state['best']['step']}")
 

@@ -5,7 +5,8 @@ says what to evaluate and when, and what `final/` holds. It never owns the engin
 checkpoints or the loop:
 
     build_model()                       -> nn.Module (single-device model code)
-    setup(model)                        after the model is on its device
+    setup(model, resuming)              after the model is on its device (resuming: the
+                                        checkpoint, not an init source, gives the weights)
     train_loader(epoch, start_step)     the loader for one epoch, from micro step start_step
     loss(engine, batch, run_state)      one micro batch -> loss (forward through the engine)
     after_optimizer_step(engine)        e.g. the weight EMA
@@ -60,7 +61,7 @@ class Task:
     def __init__(self, ctx: RunContext):
         self.ctx, self.cfg = ctx, ctx.cfg
 
-    def setup(self, model) -> None:
+    def setup(self, model, resuming: bool) -> None:
         self.model = model
 
     def attach_engine(self, engine) -> None:

@@ -94,10 +94,10 @@ class ClassifyTask(Task):
                                cfg.finetune.init_scale, cfg.model.checkpoint_activations,
                                class_names=self.labels.names)
 
-    def setup(self, model) -> None:
-        super().setup(model)
+    def setup(self, model, resuming: bool) -> None:
+        super().setup(model, resuming)
         ft = self.cfg.finetune
-        if ft.init:
+        if ft.init and not resuming:  # on resume the checkpoint holds the weights
             self.init_report = self._load_init(model)
         self.mixup = MixupCutmix(self.labels.num_classes, ft.mixup, ft.cutmix, ft.mixup_prob,
                                  ft.switch_prob, ft.smoothing)

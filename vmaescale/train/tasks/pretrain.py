@@ -57,8 +57,8 @@ class PretrainTask(Task):
                                 cfg.model.decoder_depth, cfg.model.drop_path,
                                 cfg.model.checkpoint_activations)
 
-    def setup(self, model) -> None:
-        super().setup(model)
+    def setup(self, model, resuming: bool) -> None:
+        super().setup(model, resuming)
         cfg = self.cfg
         self.grid = token_grid(cfg.data.num_frames, cfg.data.image_size, model.size.patch_size)
         self.masks = self.mask_generator(seed=cfg.train.seed * 1000 + self.ctx.rank)
