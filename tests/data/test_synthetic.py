@@ -47,6 +47,15 @@ def test_measured_motion_follows_the_class_direction_and_speed():
         assert np.linalg.norm(flows[f"{direction}_fast"]) > 1.5 * np.linalg.norm(flows[f"{direction}_slow"])
 
 
+def test_speed_scales_every_class_velocity_and_keeps_the_first_frame():
+    assert class_velocity("left_fast", 64, speed=8) == tuple(8 * v for v in class_velocity("left_fast", 64))
+    slow, fast = render_clip("right_slow", 3, 64, 8), render_clip("right_slow", 3, 64, 8, speed=8)
+    np.testing.assert_array_equal(slow[0], fast[0])
+    assert global_flow(fast)[0] > 2 * global_flow(slow)[0] > 0  # least squares underestimates large shifts
+    with pytest.raises(ValueError, match="speed=0"):
+        render_clip("right_slow", 3, 64, 8, speed=0)
+
+
 @pytest.mark.parametrize("codec,ext", [("vp9", "webm"), ("h264", "mp4")])
 def test_written_videos_are_class_folders_of_decodable_files(tmp_path, codec, ext):
     paths = write_synthetic_videos(tmp_path, n=4, codec=codec, size=48, frames=16, fps=25,

@@ -29,13 +29,13 @@ def class_names(classes: int) -> list[str]:
     return list(CLASS_NAMES[:classes])
 
 
-def class_velocity(class_name: str, size: int) -> tuple[float, float]:
-    """(vx, vy) in pixels per frame for a class such as 'left_slow'."""
-    direction, _, speed = class_name.partition("_")
-    if direction not in _DIRECTIONS or speed not in _SPEEDS_PER_FRAME:
+def class_velocity(class_name: str, size: int, speed: float = 1.0) -> tuple[float, float]:
+    """(vx, vy) in pixels per frame for a class such as 'left_slow', times `speed`."""
+    direction, _, pace = class_name.partition("_")
+    if direction not in _DIRECTIONS or pace not in _SPEEDS_PER_FRAME:
         raise ValueError(f"class {class_name!r} is not one of {CLASS_NAMES}")
     dx, dy = _DIRECTIONS[direction]
-    step = _SPEEDS_PER_FRAME[speed] * size
+    step = _SPEEDS_PER_FRAME[pace] * size * speed
     return dx * step, dy * step
 
 
@@ -83,13 +83,20 @@ def _draw_shape(frames: np.ndarray, rng: np.random.Generator, velocity: tuple[fl
         frame[rows, cols] = frame[rows, cols] * (1 - alpha) + alpha * colour
 
 
-def render_clip(class_name: str, seed: int, size: int = 160, frames: int = 48) -> np.ndarray:
-    """One clip of `class_name` -> uint8 [T, H, W, 3]; appearance depends on `seed` only."""
+def render_clip(class_name: str, seed: int, size: int = 160, frames: int = 48,
+                speed: float = 1.0) -> np.ndarray:
+    """One clip of `class_name` -> uint8 [T, H, W, 3]; appearance depends on `seed` only.
+
+    `speed` multiplies every class velocity: at small frame sizes the default motion is a
+    pixel or less per frame, which a tiny classifier trained for minutes cannot see.
+    """
     if size < 16 or size % 2:
         raise ValueError(f"size={size} must be even and >= 16")
     if frames < 1:
         raise ValueError(f"frames={frames} must be >= 1")
-    velocity = class_velocity(class_name, size)
+    if speed <= 0:
+        raise ValueError(f"speed={speed} must be > 0")
+    velocity = class_velocity(class_name, size, speed)
     rng = np.random.default_rng(seed)
     clip = np.repeat(_background(rng, size)[None], frames, axis=0)  # [T, H, W, 3]
     for _ in range(rng.integers(1, 4)):
@@ -104,7 +111,7 @@ def clip_seed(seed: int, index: int) -> int:
 
 def write_synthetic_videos(out_dir: str | Path, n: int, codec: str = "vp9", size: int = 160,
                            frames: int = 48, fps: float = 25, classes: int = 4, seed: int = 0,
-                           gop: int = 16) -> list[Path]:
+                           gop: int = 16, speed: float = 1.0) -> list[Path]:
     """Write `n` videos as OUT/<class>/<index>.<ext>, classes assigned round-robin."""
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
@@ -114,6 +121,6 @@ def write_synthetic_videos(out_dir: str | Path, n: int, codec: str = "vp9", size
     for index in range(n):
         name = names[index % classes]
         path = Path(out_dir) / name / f"{index:06d}.{ext}"
-        clip = render_clip(name, clip_seed(seed, index), size, frames)
+        clip = render_clip(name, clip_seed(seed, index), size, frames, speed)
         paths.append(encode_video(path, clip, fps, codec, gop))
     return paths
