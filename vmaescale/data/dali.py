@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import re
 import threading
 from typing import Iterator
 
@@ -45,6 +46,7 @@ from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, EpochP
                                    ShardSet, batches_from_videos, eval_steps_per_epoch,
                                    sample_info, train_steps_per_epoch, view_shape)
 from vmaescale.data.augment import MAGNITUDE_BINS, RAND_AUGMENT_OPS, TrainAugment
+from vmaescale.data.shards import split_member_name
 from vmaescale.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_view, finish_train_clips,
                                        train_view)
 
@@ -164,13 +166,18 @@ def decode_pipeline(cfg: DataConfig, mode: str, batch_size: int, device_id: int 
     return pipe
 
 
+_SOURCE_INFO = re.compile(r"(?P<path>.*?):(?P<offset>\d+):(?P<member>.*)\Z", re.DOTALL)
+
+
 def _sample_name(outputs, i: int) -> tuple[str, str]:
-    """(tar name, key) of sample i from the source_info of its first present component."""
+    """(tar name, key) of sample i from the source_info ("tar path:offset:member name") of
+    its first present component. The key is the member name up to the first dot of its
+    file name, as webdataset and wds2idx split it: "../x.webm" -> "../x", never ""."""
     for output in outputs:
-        info = output[i].source_info()
-        if info:
-            path, _, member = info.rsplit(":", 2)
-            return path.rsplit("/", 1)[-1], member.split(".", 1)[0]
+        match = _SOURCE_INFO.match(output[i].source_info())
+        if match:
+            key, _ = split_member_name(match["member"])
+            return match["path"].rsplit("/", 1)[-1], key
     return "?", "?"
 
 

@@ -19,9 +19,16 @@ Steps per epoch
 - eval: enough steps for the rank with the most videos; every video is seen exactly once,
   so the last batches of a rank can be short or empty (batch dimension 0).
 
-Bad samples: a sample that is empty, lacks a readable `.nframes`, is not in the manifest,
-or whose needed frames do not decode (not a video, truncated before the frames a clip
-uses, a different frame size than the manifest says) is skipped, counted in
+Bad shards (`data.bad_shards`): before any DALI pipeline or DataLoader is made, every tar
+is checked cheaply (it exists, is not empty, starts with a tar header, and every member its
+`.idx` lists ends inside the file behind a tar header of that size; nothing is decoded).
+"refuse" (default) raises a ShardSetError naming every bad tar and why; "skip" leaves them
+out with one warning each, and refuses only when no tar is left.
+
+Bad samples: a sample whose member name is absolute or has a '..' component, that is
+empty, lacks a readable `.nframes`, is not in the manifest, has a label outside the class
+range, or whose needed frames do not decode (not a video, truncated before the frames a
+clip uses, a different frame size than the manifest says) is skipped, counted in
 `bad_samples` and logged with its shard and key. In train mode the next sample takes its
 place; in eval mode it is added to `failed` as (key, reason) and nothing replaces it.
 """
@@ -42,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vmaescale.config import DataConfig
-from vmaescale.data.shards import shard_name
+from vmaescale.data.shards import member_name_problem, shard_name, tar_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,11 @@ DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
 CODEC_BY_EXT = {"webm": "vp9", "mp4": "h264"}
 VIDEO_EXTS = ("mp4", "webm")
 MAX_BAD_IN_A_ROW = 1000
+BAD_SHARD_POLICIES = ("refuse", "skip")
+
+
+class ShardSetError(ValueError):
+    """A shard set the loaders will not read: bad tars with data.bad_shards='refuse', or none left."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,56 @@ def _tar_name(shard) -> str:
     return shard_name(shard) if isinstance(shard, int) else Path(str(shard)).name
 
 
-def open_shard_set(spec: str) -> ShardSet:
-    """Read a shard directory (or a glob of its tars) and its manifest.parquet."""
+@dataclass(frozen=True)
+class BadShard:
+    """A tar found unreadable when the loader is built; `reason` follows its name."""
+
+    tar: str  # file name
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.tar} {self.reason}"
+
+
+def find_bad_shards(root: Path, tars: list[Path], manifest_tars: Iterable[str],
+                    whole_directory: bool) -> list[BadShard]:
+    """Every tar that `shards.tar_problem` finds unreadable, and (when the whole directory
+    is the shard set) every tar the manifest names that is not there."""
+    bad = [BadShard(t.name, problem) for t in tars if (problem := tar_problem(t))]
+    if whole_directory:
+        present = {t.name for t in tars}
+        bad += [BadShard(name, "is listed in manifest.parquet but missing")
+                for name in sorted(set(manifest_tars) - present)]
+    return bad
+
+
+def usable_tars(root: Path, tars: list[Path], bad: list[BadShard], policy: str) -> list[Path]:
+    """The tars to read under data.bad_shards=`policy`: refuse on any bad tar, or leave them
+    out (one warning per tar) and refuse only when none is left."""
+    if policy not in BAD_SHARD_POLICIES:
+        raise ValueError(f"data.bad_shards={policy!r}: accepted values are {list(BAD_SHARD_POLICIES)}")
+    if not bad:
+        return tars
+    if policy == "refuse":
+        raise ShardSetError(f"data.bad_shards='refuse': {len(bad)} bad tar(s) in {root}: "
+                            f"{'; '.join(map(str, bad))}; replace or remove them, or set "
+                            "data.bad_shards='skip' to leave them out")
+    for shard in bad:
+        log.warning("data.bad_shards='skip': %s; leaving it out", shard)
+    names = {shard.tar for shard in bad}
+    left = [t for t in tars if t.name not in names]
+    if not left:
+        raise ShardSetError(f"data.bad_shards='skip': every tar in {root} is bad "
+                            f"({'; '.join(map(str, bad))}); nothing is left to read")
+    return left
+
+
+def open_shard_set(spec: str, bad_shards: str | None = None) -> ShardSet:
+    """Read a shard directory (or a glob of its tars) and its manifest.parquet.
+
+    bad_shards: None reads the tars unchecked; "refuse" or "skip" first checks every tar
+    (`find_bad_shards`: headers and index offsets, nothing decoded) and refuses with a
+    ShardSetError naming the bad ones, or leaves them out (see `usable_tars`)."""
     root, tars = _shard_tars(spec)
     manifest_path = root / "manifest.parquet"
     if not manifest_path.is_file():
@@ -162,6 +222,9 @@ def open_shard_set(spec: str) -> ShardSet:
                                 "video ids and frame sizes (data_tools/build_shards.py writes it)")
     table = pq.read_table(manifest_path).to_pydict()
     shard = tuple(_tar_name(s) for s in table["shard"])
+    if bad_shards is not None:
+        bad = find_bad_shards(root, tars, shard, Path(spec).is_dir())
+        tars = usable_tars(root, tars, bad, bad_shards)
     key = tuple(str(k) for k in table["key"])
     indices = [t.with_suffix(".idx") for t in tars]
     labels = [-1 if v is None else int(v) for v in table["label"]]
@@ -230,7 +293,11 @@ def sample_info(sample: RawSample, shards: ShardSet, num_classes: int | None = N
     """Check a raw sample and look it up; raises ValueError with the reason it is bad.
 
     With `num_classes` (classification), a label outside [0, num_classes) is bad too: it is
-    reported and never trained on."""
+    reported and never trained on. So is a member name that is absolute or has a '..'
+    component, even when the manifest lists it."""
+    name_problem = member_name_problem(sample.key)
+    if name_problem:
+        raise ValueError(name_problem)
     if len(sample.video) == 0:
         raise ValueError("zero-byte or missing video (.mp4/.webm)")
     row = shards.row(sample.shard, sample.key)
@@ -406,7 +473,7 @@ def build_loader(data_cfg: DataConfig, videos_per_gpu: int, rank: int, world_siz
     `num_classes` (classification): labels outside [0, num_classes) are bad samples."""
     check_loader_args(data_cfg, videos_per_gpu, rank, world_size, mode, start_step)
     device = torch.device(device) if device is not None else None
-    shards = open_shard_set(data_cfg.shards)
+    shards = open_shard_set(data_cfg.shards, data_cfg.bad_shards)
     backend, why = choose_backend(data_cfg.backend, shards.codec, device)
     log.info("input pipeline for rank %d (%s mode): %s backend, because %s", rank, mode,
              backend, why)
