@@ -32,6 +32,7 @@ from typing import Iterator
 
 import torch
 
+from vmaescale.cli import ArgumentParser, add_debug_flag, debug_wanted, report_user_errors
 from vmaescale.config import DataConfig
 from vmaescale.data.loader import build_loader, dali_unavailable_reason, open_shard_set
 from vmaescale.data.shards import BuildOptions, build_shards
@@ -61,8 +62,7 @@ class BenchResult:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="data_tools/bench_loader.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", help="shard directory; default: build a synthetic VP9 set")
     p.add_argument("--videos", type=int, default=40, help="synthetic videos to build")
     p.add_argument("--video-size", type=int, default=160, help="synthetic video side (px)")
@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cuda: DALI decodes on the GPU ('mixed')")
     p.add_argument("--write", metavar="MARKDOWN",
                    help=f"write the table into this file's '{SECTION}' section")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -196,8 +197,13 @@ def write_section(path: Path, body: str) -> None:
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """A user error (missing shards, unknown backend, ...) is one line and exit status 2."""
     args = parse_args(argv)
+    return report_user_errors("data_tools/bench_loader.py", bench, args, debug=debug_wanted(args))
+
+
+def bench(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         write_section(Path(args.write), body)
         print(f"wrote the '{SECTION}' section of {args.write}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from vmaescale.cli import ArgumentParser, add_debug_flag, debug_wanted, report_user_errors
 from vmaescale.data.shards import BuildOptions, build_shards, default_workers, format_summary, parse_bytes
 from vmaescale.data.video_io import CODECS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="data_tools/build_shards.py", description=__doc__)
     p.add_argument("source", help="folder of videos (class sub-folders optional) or CSV list")
     p.add_argument("out", help="output folder for the shard set")
     p.add_argument("--codec", choices=sorted(CODECS), default="h264",
@@ -39,11 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels", default=None,
                    help="labels.json (class name -> index) to use, e.g. the train split's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """A user error (missing source, bad labels file, ...) is one line and exit status 2."""
     args = parse_args(argv)
+    return report_user_errors("data_tools/build_shards.py", build, args, debug=debug_wanted(args))
+
+
+def build(args: argparse.Namespace) -> int:
     options = BuildOptions(codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
                            passthrough=args.passthrough, shard_size=args.shard_size,
                            shard_max_bytes=args.shard_max_bytes, min_frames=args.min_frames,
@@ -52,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = build_shards(args.source, args.out, options, workers=args.workers, root=args.root,
                            label_map=label_map, progress=not args.no_progress)
     print(format_summary(summary))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,19 +22,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vmaescale.cli import ArgumentParser, add_debug_flag, debug_wanted, report_user_errors  # noqa: E402
 from vmaescale.config import load_config  # noqa: E402
+
+PROG = "launch/benchmark.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--input", choices=("synthetic", "loader", "both"), default="synthetic")
+    p = ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("--config", required=True, help="JSON run config (see configs/ and docs/configs.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--input", choices=("synthetic", "loader", "both"), default="synthetic",
+                   help="in-memory clips, the real loader, or one process for each")
     p.add_argument("--shards", default="", help="shards for --input loader (default: the config's)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -45,8 +51,11 @@ def run_both(args) -> int:
         with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as out:
             cmd = [sys.executable, __file__, "--config", args.config, "--input", kind,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", out.name,
-                   "--shards", args.shards, *[a for s in args.set for a in ("--set", s)]]
-            subprocess.run(cmd, check=True)
+                   "--shards", args.shards, *[a for s in args.set for a in ("--set", s)],
+                   *(["--debug"] if debug_wanted(args) else [])]
+            done = subprocess.run(cmd)
+            if done.returncode:  # the child printed its error
+                return done.returncode
             rows += [json.loads(line) for line in out.read().splitlines()]
     print_table(rows)
     if args.json:
@@ -115,7 +124,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    """A user error (bad config, missing shards) is one line and exit status 2."""
     args = parse_args(argv)
+    return report_user_errors(PROG, run, args, debug=debug_wanted(args))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.input == "both":
         return run_both(args)
     row = measure(args)

@@ -1,9 +1,10 @@
 """The typed run config: one JSON file per run, the single source of truth.
 
 Every section is a dataclass. `load_config(path, overrides)` reads JSON, applies
-`--set a.b=value` overrides, and validates: unknown keys, wrong types and out-of-range
-values raise `ConfigError` naming the field, the value and what is accepted, before any
-process group starts. DeepSpeed's config dict is derived from this (see
+`--set a.b=value` overrides, and validates: unknown keys, wrong types, out-of-range values,
+NaN / Infinity, and `deepspeed` pass-through keys that the run config derives raise
+`ConfigError` naming the field, the value and what is accepted, before any process group
+starts. DeepSpeed's config dict is derived from this (see
 `vmaescale.train.engine.deepspeed_config`), never kept as a second file.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,9 @@ class DataConfig:
     test_num_segment: int = _f(5, lo=1, hi=32)
     test_num_crop: int = _f(3, choices=(1, 3))
     short_side: int = _f(224, lo=16, hi=2048)
+    bad_shards: str = _f("refuse", choices=("refuse", "skip"),
+                         help="a corrupt, truncated or non-tar shard found when the loader is built: "
+                              "refuse = the run does not start, naming it; skip = left out, named")
     # Train-mode augmentation. Pretraining: multi_scale crop, nothing else. Finetuning
     # (official V2 recipe): random_resized crop, flip, RandAugment, random erasing.
     train_crop: str = _f("multi_scale", choices=("multi_scale", "random_resized"),
@@ -174,6 +179,8 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number; accepted: {_accepted_range(meta)}")
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ConfigError(f"{where}: {value!r} is not one of {list(meta['choices'])}")
     if meta.get("lo") is not None and value < meta["lo"]:
@@ -181,6 +188,17 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if meta.get("hi") is not None and value > meta["hi"]:
         raise ConfigError(f"{where}: {value!r} is above the maximum {meta['hi']}")
     return value
+
+
+def _accepted_range(meta: dict) -> str:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        return f"a number in [{lo}, {hi}]"
+    if lo is not None:
+        return f"a number >= {lo}"
+    if hi is not None:
+        return f"a number <= {hi}"
+    return "a finite number"
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
@@ -215,6 +233,8 @@ def _validate_cross_fields(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.betas: {obj.betas!r} must be two numbers in [0, 1)")
     if isinstance(obj, DataConfig):
         _validate_data(obj, where)
+    if isinstance(obj, RunConfig):
+        _validate_deepspeed(obj.deepspeed)
 
 
 def _validate_data(obj: "DataConfig", where: str) -> None:
@@ -231,6 +251,56 @@ def _validate_data(obj: "DataConfig", where: str) -> None:
             parse_rand_augment(obj.rand_augment)
         except ValueError as e:
             raise ConfigError(f"{where}.rand_augment: {e}") from e
+
+
+# DeepSpeed keys that `vmaescale.train.engine.deepspeed_config` derives from the run config
+# (or that the engine's client optimizer / schedule make meaningless): the `deepspeed`
+# pass-through cannot set them. Key path -> what it comes from and what to set instead.
+_PRECISION = "precision comes from train.precision (auto, bf16, fp32); set that instead"
+DERIVED_DEEPSPEED_KEYS: dict[tuple[str, ...], str] = {
+    ("train_batch_size",): "derived from train.videos_per_gpu x data.num_sample x train.grad_accum "
+                           "x world size; set those instead",
+    ("train_micro_batch_size_per_gpu",): "derived from train.videos_per_gpu x data.num_sample; "
+                                         "set those instead",
+    ("gradient_accumulation_steps",): "derived from train.grad_accum; set that instead",
+    ("gradient_clipping",): "derived from optim.clip_grad; set that instead",
+    ("zero_optimization", "stage"): "derived from train.zero_stage; set that instead",
+    ("bf16", "enabled"): _PRECISION,
+    ("bf16", "check_grad_overflow"): "always on under bf16 (train.max_bad_steps counts the skipped "
+                                     "steps); set train.precision / train.max_bad_steps instead",
+    ("bfloat16", "enabled"): _PRECISION,
+    ("fp16", "enabled"): _PRECISION,
+    ("amp", "enabled"): _PRECISION,
+    ("torch_autocast", "enabled"): _PRECISION,
+    ("optimizer",): "the optimizer is AdamW built from optim.* (base_lr, betas, eps, weight_decay, "
+                    "layer_decay); set those instead",
+    ("scheduler",): "the lr schedule is warmup + cosine from optim.base_lr / min_lr / warmup_lr and "
+                    "train.warmup_steps / warmup_epochs; set those instead",
+}
+
+
+def _validate_deepspeed(ds: dict) -> None:
+    """Refuse pass-through keys the run config derives, sections that are not objects, NaN / Inf."""
+    for path, reason in DERIVED_DEEPSPEED_KEYS.items():
+        node = ds
+        for depth, key in enumerate(path):
+            if not isinstance(node, dict) or key not in node:
+                break
+            where = "deepspeed." + ".".join(path[:depth + 1])
+            if depth + 1 == len(path):
+                raise ConfigError(f"{where}: {reason}")
+            if not isinstance(node[key], dict):
+                raise ConfigError(f"{where}: expected an object, got {node[key]!r}")
+            node = node[key]
+    _refuse_non_finite(ds, "deepspeed")
+
+
+def _refuse_non_finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _refuse_non_finite(item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -259,11 +329,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a JSON run config, apply `--set` overrides, validate, return a RunConfig."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    data = {} if path is None else read_config_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config sections, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The parsed JSON of a config file; ConfigError (one line) when missing, a directory or not JSON."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {path}: not found; expected a JSON run config (see configs/)")
+    if p.is_dir():
+        raise ConfigError(f"config file {path}: is a directory; expected a JSON run config file")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from e

@@ -351,8 +351,8 @@ def test_official_encoder_only_checkpoint_needs_num_classes(tmp_path):
 def test_classifier_takes_the_encoder_of_an_imported_pretraining_checkpoint(tmp_path):
     pretrain = our_models(head_norm_eps=1e-6)[0]
     torch.save({"model": compiled(pretrain.state_dict())}, tmp_path / "ckpt.pth")
-    main(["import-checkpoint", str(tmp_path / "ckpt.pth"), str(tmp_path / "imported"),
-          "--num-frames", str(FRAMES), "--image-size", str(IMAGE)])
+    assert main(["import-checkpoint", str(tmp_path / "ckpt.pth"), str(tmp_path / "imported"),
+                 "--num-frames", str(FRAMES), "--image-size", str(IMAGE)]) == 0
     imported = load_model_dir(tmp_path / "imported")
     classifier = VideoClassifier(NANO, NUM_CLASSES, FRAMES, IMAGE)
     classifier.load_pretrained_encoder(imported.state_dict())
@@ -378,20 +378,20 @@ def test_cli_import_then_export_round_trips_through_transformers(hf_pretrain_dir
 def test_cli_imports_official_file_and_prints_detection(tmp_path, capsys):
     model = our_models()[1]
     torch.save({"module": model.state_dict()}, tmp_path / "ft.pth")
-    main(["import-checkpoint", str(tmp_path / "ft.pth"), str(tmp_path / "ckpt"), "--num-frames", "8",
-          "--image-size", "64"])
+    assert main(["import-checkpoint", str(tmp_path / "ft.pth"), str(tmp_path / "ckpt"), "--num-frames", "8",
+                 "--image-size", "64"]) == 0
     printed = capsys.readouterr().out
     assert "task: classification" in printed and "heads 2 (standard for width 64" in printed
     assert "8 frames (--num-frames)" in printed and f"classes: {NUM_CLASSES}" in printed
     assert state_dicts_equal(load_model_dir(tmp_path / "ckpt").state_dict(), model.state_dict())
-    main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")])  # no decoder: widths 0
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0  # no decoder: widths 0
     assert_loads_cleanly(transformers.VideoMAEForVideoClassification, tmp_path / "hf")
 
 
 def test_training_final_dir_exports_to_transformers(tmp_path):
     model = our_models()[0]
     save_model_dir(model, tmp_path / "final", source="run test", extra_files={"config.json": "{}"})
-    main(["export-hf", str(tmp_path / "final"), str(tmp_path / "hf")])
+    assert main(["export-hf", str(tmp_path / "final"), str(tmp_path / "hf")]) == 0
     assert_loads_cleanly(transformers.VideoMAEForPreTraining, tmp_path / "hf")
 
 
@@ -399,3 +399,11 @@ def test_import_refuses_a_vmaescale_dir(tmp_path):
     save_model_dir(our_models()[1], tmp_path)
     with pytest.raises(ValueError, match="already a vmaescale checkpoint"):
         import_checkpoint(tmp_path)
+
+
+def test_cli_reports_a_bad_source_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    assert main(["import-checkpoint", str(tmp_path / "notes.pth"), str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vmaescale import-checkpoint: error: ") and err.count("\n") == 1
+    assert "notes.pth" in err and not (tmp_path / "ckpt").exists()

@@ -111,9 +111,12 @@ def mfu(clips_per_s: float, training_flops_per_clip: float, peak_tflops_per_devi
 
 
 def parse_mask_arg(text: str) -> tuple[str, float]:
-    """'tube:0.9' -> ('tube', 0.9); 'none' -> ('none', 0.0)."""
-    name, _, ratio = text.partition(":")
+    """'tube:0.9' -> ('tube', 0.9); 'none' -> ('none', 0.0). The ratio must be in [0, 1)."""
+    name, _, ratio_text = text.partition(":")
     try:
-        return name, float(ratio) if ratio else 0.0
+        ratio = float(ratio_text) if ratio_text else 0.0
     except ValueError:
         raise ValueError(f"mask {text!r}: expected NAME or NAME:RATIO, e.g. tube:0.9") from None
+    if not 0.0 <= ratio < 1.0:  # also refuses nan
+        raise ValueError(f"mask {text!r}: ratio {ratio_text} is outside the accepted range [0, 1)")
+    return name, ratio

@@ -31,7 +31,7 @@ from torch import nn
 
 from vmaescale.masking import token_grid
 from vmaescale.models.checkpoint import (FORMAT, META_FILE, VERSION, build_model, load_model_dir,
-                                         load_state_dict_strict, model_meta, save_model_dir, unwrap)
+                                         load_state_dict_strict, model_meta, unwrap)
 from vmaescale.models.sizes import SIZES, ModelSize
 
 OFFICIAL_NORM_EPS = 1e-6
@@ -598,56 +598,3 @@ def export_hf(ckpt_dir_or_model: str | Path | nn.Module, out_dir: str | Path) ->
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return notes
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_import_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "import-checkpoint", help="official VideoMAE/V2 .pth or Hugging Face dir -> vmaescale checkpoint dir",
-        description="Import an official VideoMAE / V2 checkpoint (.pth: pretrain, finetune or encoder only) "
-                    "or a Hugging Face VideoMAE dir into a vmaescale checkpoint dir, and print what was "
-                    "detected. Official files carry no clip shape or head counts: see the flags.")
-    p.add_argument("src", help="official .pth file or Hugging Face dir (config.json + weights)")
-    p.add_argument("out", help="output vmaescale checkpoint dir")
-    p.add_argument("--num-frames", type=int, default=None,
-                   help=f"clip frames (official default {DEFAULT_NUM_FRAMES}; HF: config.json)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help=f"clip side in px (official default {DEFAULT_IMAGE_SIZE}; HF: config.json)")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="encoder heads (official default: standard count for the width)")
-    p.add_argument("--decoder-heads", type=int, default=None,
-                   help="decoder heads (official default: standard count for the width)")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="for encoder-only sources: classes of the freshly initialised head")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="official files that a weights-only load refuses; only for files you trust")
-    p.set_defaults(func=run_import)
-
-
-def run_import(args) -> int:
-    result = import_checkpoint(args.src, num_frames=args.num_frames, image_size=args.image_size,
-                               num_heads=args.num_heads, decoder_heads=args.decoder_heads,
-                               num_classes=args.num_classes, allow_pickle=args.allow_pickle)
-    out = save_model_dir(result.model, args.out, source=result.summary())
-    print(result.summary())
-    print(f"wrote {out}")
-    return 0
-
-
-def add_export_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export-hf", help="vmaescale checkpoint dir -> Hugging Face transformers dir",
-        description="Write config.json + model.safetensors for transformers' VideoMAEForPreTraining "
-                    "(pretrain checkpoints) or VideoMAEForVideoClassification (classifiers).")
-    p.add_argument("ckpt", help="vmaescale checkpoint dir, e.g. a training run's final/")
-    p.add_argument("out_dir", help="output Hugging Face dir")
-    p.set_defaults(func=run_export)
-
-
-def run_export(args) -> int:
-    for note in export_hf(args.ckpt, args.out_dir):
-        print(note)
-    print(f"wrote {args.out_dir}")
-    return 0

@@ -69,7 +69,10 @@ def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
-    """The DeepSpeed config dict, derived from the run config; `cfg.deepspeed` is merged last."""
+    """The DeepSpeed config dict, derived from the run config; `cfg.deepspeed` is merged last.
+
+    Config validation refuses pass-through keys set here from the run config (a new one
+    belongs in `vmaescale.config.DERIVED_DEEPSPEED_KEYS`, tests/test_config.py checks)."""
     micro_clips = cfg.train.videos_per_gpu * cfg.data.num_sample
     ds = {
         "train_micro_batch_size_per_gpu": micro_clips,
