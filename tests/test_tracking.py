@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from mlflow import MlflowClient
 
 from vmaescale.config import RunConfig, TrackingConfig
 from vmaescale.tracking import (
-    HTTP_ENV_DEFAULTS, Tracker, end_parent_run, flatten_config, git_commit, stage_tags,
-    start_parent_run,
+    HTTP_ENV_DEFAULTS, RESUMED_FROM_MISSING_TAG, Tracker, end_parent_run, flatten_config,
+    git_commit, stage_tags, start_parent_run,
 )
 
 WARNING_TAIL = "training continues without tracking"
 SERVER_START_TIMEOUT_S = 60
+SERVER_NAME = "mlflow-host.test"  # a host name, not an IP; see the loopback_name fixture
+MISSING_RUN_ID = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture(autouse=True)
@@ -216,18 +219,93 @@ def test_broken_store_warns_once_and_never_raises(tmp_path, capsys):
     assert len(warnings_in(capsys.readouterr().err)) == 1
 
 
+@pytest.mark.parametrize("uri", ["sqlite:////proc/mlflow.db",       # MLflow alone: ~100 s
+                                 "sqlite:////proc/vmaescale-nope/mlflow.db"])
+def test_unwritable_store_fails_in_seconds_with_one_warning(uri, capfd):
+    """/proc refuses new files even to root; the run goes on untracked."""
+    start = time.monotonic()
+    tracker = Tracker(tracking("unwritable", tracking_uri=uri), rank=0, output_dir="r",
+                      run_config=run_config())
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0}, step)
+    tracker.log_dict({"a": 1}, "summary.json")
+    tracker.finish("FAILED")
+    elapsed_s = time.monotonic() - start
+
+    assert elapsed_s < 15
+    assert tracker.run_id is None
+    err = capfd.readouterr().err
+    warnings = warnings_in(err)
+    assert len(warnings) == 1 and f"at {uri} " in warnings[0] and "writable" in warnings[0]
+    assert "will be retried" not in err  # MLflow's engine retry loop never ran
+
+
+def test_resume_of_a_run_the_store_lacks_opens_a_new_tagged_run(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # a fresh mlflow.db that has never seen MISSING_RUN_ID
+    config = run_config()
+    tracker = Tracker(tracking("lost"), rank=0, output_dir=tmp_path / "r", run_config=config,
+                      run_id=MISSING_RUN_ID, tags={"world_size": 1})
+    assert tracker.run_id and tracker.run_id != MISSING_RUN_ID
+    tracker.log_metrics({"loss": 0.5}, 7)
+    tracker.finish("KILLED")
+
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags[RESUMED_FROM_MISSING_TAG] == MISSING_RUN_ID
+    assert run.data.tags["world_size"] == "1" and run.data.params == flatten_config(config)
+    assert metric_steps(client, tracker.run_id, "loss") == [(7, 0.5)]
+    err = capfd.readouterr().err
+    said = [line for line in err.splitlines() if MISSING_RUN_ID in line]
+    assert len(said) == 1 and "not found" in said[0] and tracker.run_id in said[0]
+    assert warnings_in(err) == []
+
+    again = Tracker(tracking("lost"), rank=0, output_dir=tmp_path / "r", run_config=config,
+                    run_id=tracker.run_id)  # the new id, as the checkpoint now stores it
+    assert again.run_id == tracker.run_id
+    again.finish()
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_of_a_deleted_run_opens_a_new_tagged_run(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    first = Tracker(tracking("deleted"), rank=0, output_dir="r", run_config={})
+    first.finish("KILLED")
+    client = MlflowClient(first.tracking_uri)
+    client.delete_run(first.run_id)
+    second = Tracker(tracking("deleted"), rank=0, output_dir="r", run_config={},
+                     run_id=first.run_id)
+    second.finish()
+    assert second.run_id != first.run_id
+    assert client.get_run(second.run_id).data.tags[RESUMED_FROM_MISSING_TAG] == first.run_id
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if "is deleted" in line] != []
+    assert warnings_in(err) == []
+
+
+def test_ending_a_missing_parent_run_creates_nothing(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    end_parent_run(tracking("parents"), MISSING_RUN_ID)
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    assert client.search_experiments() == [] or all(
+        client.search_runs([e.experiment_id]) == [] for e in client.search_experiments())
+    warnings = warnings_in(capfd.readouterr().err)
+    assert len(warnings) == 1 and MISSING_RUN_ID in warnings[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on a free loopback port, sqlite backend and artifacts under `root`."""
-    port = free_port()
+def start_server(root: Path, port: int | None = None,
+                 *extra_args: str) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a (free) loopback port, sqlite backend and artifacts under `root`."""
+    port = port or free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db",
-               "--artifacts-destination", f"file://{root}/artifacts"]
+               "--artifacts-destination", f"file://{root}/artifacts", *extra_args]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -265,6 +343,71 @@ def mlflow_server(tmp_path):
         yield proc, url
     finally:
         stop_server(proc)
+
+
+@pytest.fixture
+def loopback_name(monkeypatch):
+    """SERVER_NAME resolves to 127.0.0.1 in this process (no /etc/hosts edit, undone after)."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        return real_getaddrinfo("127.0.0.1" if host == SERVER_NAME else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setenv("NO_PROXY", "*")  # a proxy from the caller's environment would not know it
+    return SERVER_NAME
+
+
+@pytest.fixture
+def named_server(tmp_path, loopback_name):
+    """A server started as docs/tracking.md says: --allowed-hosts <name>:<port>."""
+    port = free_port()
+    proc, _ = start_server(tmp_path, port, "--allowed-hosts", f"{loopback_name}:{port}")
+    try:
+        yield f"http://{loopback_name}:{port}"
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.slow
+def test_a_host_name_uri_is_tracked_when_the_server_allows_it(named_server, tmp_path, capfd):
+    url = named_server
+    config = run_config()
+    tracker = Tracker(tracking("named", tracking_uri=url), rank=0, output_dir=tmp_path / "n",
+                      run_config=config)
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0 + step}, step)
+    tracker.log_dict({"final_loss": 3.0}, "summary.json")
+    tracker.finish()
+
+    assert warnings_in(capfd.readouterr().err) == []
+    client = MlflowClient(url)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == flatten_config(config)
+    assert metric_steps(client, tracker.run_id, "loss") == [(s, 1.0 + s) for s in range(3)]
+    assert artifact_paths(client, tracker.run_id) == {"summary.json"}
+
+
+@pytest.mark.slow
+def test_a_host_name_the_server_does_not_allow_gets_403_and_one_clear_warning(
+        mlflow_server, loopback_name, tmp_path, capfd):
+    _, ip_url = mlflow_server  # started without --allowed-hosts: localhost and private IPs only
+    url = f"http://{loopback_name}:{ip_url.rsplit(':', 1)[1]}"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                               timeout=10)
+    assert refused.value.code == 403 and b"Invalid Host header" in refused.value.read()
+
+    start = time.monotonic()
+    tracker = Tracker(tracking("refused", tracking_uri=url), rank=0, output_dir=tmp_path / "r",
+                      run_config=run_config())
+    tracker.log_metrics({"loss": 1.0}, 0)
+    tracker.finish()
+    assert time.monotonic() - start < 15
+    assert tracker.run_id is None
+    warnings = warnings_in(capfd.readouterr().err)
+    assert len(warnings) == 1
+    assert f"at {url} " in warnings[0] and "403" in warnings[0] and "--allowed-hosts" in warnings[0]
 
 
 @pytest.mark.slow

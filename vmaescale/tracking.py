@@ -7,14 +7,25 @@
 
 Tracking is a side channel: it must never stop training. Any exception from MLflow (a
 dead server, a locked sqlite file, a bad artifact path) prints one warning line to stderr,
-disables the tracker and returns; every later call is a no-op. On ranks other than 0, or
-with `cfg.enabled` False, every method is a no-op and `run_id` is None.
+naming the tracking URI and, for the failures we recognise, what to do, then disables the
+tracker and returns; every later call is a no-op. On ranks other than 0, or with
+`cfg.enabled` False, every method is a no-op and `run_id` is None.
+
+Resuming (`run_id=...`) a run the store does not have (a fresh database, another server,
+a deleted run) opens a new run instead, tagged `resumed_from_missing_run=<old id>`, and
+prints one line saying so; the caller stores the new `run_id` for the next resume.
 
 Tracking URI: `cfg.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else
 `sqlite:///<absolute cwd>/mlflow.db`. The path is made absolute so a launcher and the
 stages it starts agree on one database even if they later change directory. With a sqlite
 store, experiments the tracker creates keep their artifacts beside the database, in
 `<db dir>/mlruns/<experiment>/`.
+
+Before MLflow sees a sqlite URI the tracker opens the file and writes to it in a
+transaction it rolls back (`check_sqlite_store`): MLflow retries creating its engine 10
+times with backoff (a constant, no variable sets it), so a file that cannot be opened
+cost about 100 s before failing; the check fails in milliseconds. A file locked by
+another writer passes: MLflow's own busy timeout deals with that.
 
 MLflow's HTTP client retries a failing request 7 times with exponential backoff and a
 120 s timeout, so one call to a dead server can block for minutes. The tracker sets
@@ -33,10 +44,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -52,6 +65,27 @@ HTTP_ENV_DEFAULTS = {
 RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARAMS_PER_BATCH = 100     # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000   # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+RESUMED_FROM_MISSING_TAG = "resumed_from_missing_run"
+SQLITE_PREFIX = "sqlite:///"
+
+
+class UnwritableStore(OSError):
+    """The sqlite file of the tracking URI cannot be opened or written."""
+
+
+# (text in the error, what to tell the user): the first match is appended to the warning.
+ADVICE = (
+    ("Invalid Host header", "the server rejects the host name in the URI: start it with "
+                            "--allowed-hosts <host>:<port> (see docs/tracking.md)"),
+    ("error code 401", "the server wants credentials: export MLFLOW_TRACKING_USERNAME "
+                       "and MLFLOW_TRACKING_PASSWORD"),
+    ("PERMISSION_DENIED", "the server denies this user: ask its admin for permission on "
+                          "the experiment"),
+    ("UnwritableStore", "make that path writable or point tracking.tracking_uri / "
+                        "MLFLOW_TRACKING_URI elsewhere"),
+    ("Connection refused", "start the server or fix the URI (tracking.tracking_uri / "
+                           "MLFLOW_TRACKING_URI)"),
+)
 
 
 def flatten_config(d: dict, prefix: str = "") -> dict[str, str]:
@@ -79,17 +113,52 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def sqlite_db_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (query string dropped), else None."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    path = tracking_uri[len(SQLITE_PREFIX):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
 def sqlite_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """file://<db dir>/mlruns/<experiment> for a sqlite store, else None (the server decides).
 
     MLflow would put a new experiment's artifacts under ./mlruns of whatever directory the
     creating process runs in; next to the database they stay with the run's records.
     """
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix) or tracking_uri == prefix + ":memory:":
+    db_path = sqlite_db_path(tracking_uri)
+    if db_path is None:
         return None
-    db_path = Path(tracking_uri[len(prefix):]).resolve()
-    return (db_path.parent / "mlruns" / experiment).as_uri()
+    return (db_path.resolve().parent / "mlruns" / experiment).as_uri()
+
+
+def check_sqlite_store(tracking_uri: str) -> None:
+    """Raise UnwritableStore unless the sqlite file of the URI can be created and written.
+
+    A no-op for other URIs. Writes a table inside a transaction it rolls back (a read-only
+    file passes BEGIN IMMEDIATE and fails only on the write); a lock held by another
+    process counts as writable.
+    """
+    db_path = sqlite_db_path(tracking_uri)
+    if db_path is None:
+        return
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(db_path, timeout=0, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("CREATE TABLE vmaescale_write_check (x)")
+            db.execute("ROLLBACK")
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error) and "busy" not in str(error):
+            raise UnwritableStore(f"cannot write {db_path}: {error}") from error
+    except OSError as error:
+        raise UnwritableStore(f"cannot create {db_path}: {error}") from error
+
+
+def advice_for(summary: str) -> str:
+    """What to do about a failure whose summary matches ADVICE, else ""."""
+    return next((hint for needle, hint in ADVICE if needle in summary), "")
 
 
 def limit_http_retries() -> None:
@@ -126,12 +195,16 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, rank: int, output_dir: str | Path, run_config: dict,
                  run_id: str | None = None, parent_run_id: str | None = None,
-                 tags: dict | None = None):
+                 tags: dict | None = None, new_run_if_missing: bool = True):
+        """Open a new run, or resume `run_id`; one that is missing (or deleted) in the store
+        gets a new run tagged with the old id unless `new_run_if_missing` is False, when
+        it is a failure like any other (one warning, tracking off)."""
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
         self._client = None
         self._monitor = None
         self._active = rank == 0 and cfg.enabled
+        self._new_run_if_missing = new_run_if_missing
         self._call("start", self._start, cfg, Path(output_dir), run_config, run_id,
                    parent_run_id, tags or {})
 
@@ -168,8 +241,10 @@ class Tracker:
             self._disable(action, error)
 
     def _disable(self, action: str, error: Exception) -> None:
-        summary = " ".join(f"{type(error).__name__}: {error}".split())[:500]
-        print(f"vmaescale.tracking: WARNING: MLflow {action} failed ({summary}); "
+        text = " ".join(f"{type(error).__name__}: {error}".split())
+        summary, advice = text[:500], advice_for(text)
+        print(f"vmaescale.tracking: WARNING: MLflow {action} failed at {self.tracking_uri} "
+              f"({summary}); {advice + '; ' if advice else ''}"
               "training continues without tracking", file=sys.stderr, flush=True)
         self._active = False
         if self._monitor is not None:
@@ -181,22 +256,39 @@ class Tracker:
 
         limit_http_retries()
         self.tracking_uri = resolve_tracking_uri(cfg)
+        check_sqlite_store(self.tracking_uri)
         self._client = MlflowClient(self.tracking_uri)
-        if run_id:
-            self._resume_run(run_id)
-        else:
+        missing = self._resume_run(run_id) if run_id else None
+        if self.run_id is None:
             self._create_run(cfg.experiment, cfg.run_name or output_dir.name, parent_run_id)
             self._log_params(flatten_config(run_config))
+        if missing:
+            tags = {**tags, RESUMED_FROM_MISSING_TAG: run_id}
+            print(f"vmaescale.tracking: MLflow run {run_id} {missing} at {self.tracking_uri}; "
+                  f"logging to new run {self.run_id} (tag {RESUMED_FROM_MISSING_TAG}={run_id})",
+                  file=sys.stderr, flush=True)
         self._set_tags({**provenance_tags(), **tags})
         if cfg.system_metrics:
-            self._start_system_metrics(resume=bool(run_id))
+            self._start_system_metrics(resume=self.run_id == run_id)
 
-    def _resume_run(self, run_id: str) -> None:
-        run = self._client.get_run(run_id)
+    def _resume_run(self, run_id: str) -> str | None:
+        """Reopen run_id (sets self.run_id); if the store lacks it, say why (self.run_id stays
+        None) or raise when new_run_if_missing is False."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST" or not self._new_run_if_missing:
+                raise
+            return "was not found"
         if run.info.lifecycle_stage != "active":
-            raise ValueError(f"cannot resume run {run_id}: it is {run.info.lifecycle_stage}")
+            if not self._new_run_if_missing:
+                raise ValueError(f"cannot resume run {run_id}: it is {run.info.lifecycle_stage}")
+            return f"is {run.info.lifecycle_stage}"
         self._client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        return None
 
     def _create_run(self, experiment: str, run_name: str, parent_run_id: str | None) -> None:
         from mlflow.tracking.context.registry import resolve_tags
@@ -270,7 +362,7 @@ def end_parent_run(cfg: TrackingConfig, run_id: str | None, status: str = "FINIS
     if run_id is None:
         return
     tracker = Tracker(replace(cfg, system_metrics=False), rank=0, output_dir=".", run_config={},
-                      run_id=run_id)
+                      run_id=run_id, new_run_if_missing=False)
     tracker.finish(status)
 
 
