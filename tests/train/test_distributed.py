@@ -155,11 +155,11 @@ def test_sigterm_makes_every_rank_checkpoint_and_exit_cleanly(tmp_path):
 
 
 def test_incomplete_checkpoint_write_is_never_resumed(tmp_path):
-    from vmaescale.train.checkpoint import resume_tag, write_atomic
+    from vmaescale.train.checkpoint import resume_candidates, write_atomic
 
     ckpt = tmp_path / "checkpoints"
     (ckpt / "step_00000002").mkdir(parents=True)
     write_atomic(ckpt / "step_00000002" / "complete.json", "{}")
     (ckpt / "step_00000004").mkdir()  # a write that crashed before complete.json
     write_atomic(ckpt / "latest", "step_00000004")
-    assert resume_tag(ckpt) == "step_00000002"
+    assert resume_candidates(ckpt) == ["step_00000002"]

@@ -10,17 +10,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vmaescale.cli import ArgumentParser, add_debug_flag, debug_wanted, report_user_errors
 from vmaescale.config import ConfigError, load_config
 
 TASK_OF_STAGE = {"pretrain": "pretrain", "finetune": "finetune", "post-pretrain": "finetune"}
 
 
-def parse_args(argv, doc: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv, doc: str, prog: str | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog=prog, description=doc)
     p.add_argument("--config", required=True, help="JSON run config (see configs/ and docs/configs.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.max_steps=50 (repeatable)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config changed in a way that alters the model, "
+                        "data order or optimisation (the change is logged and tagged in MLflow)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -29,25 +34,36 @@ def checked_config(args: argparse.Namespace, stage: str):
     cfg = load_config(args.config, args.set)
     task = TASK_OF_STAGE[stage]
     if cfg.task != task:
-        raise ConfigError(f"task: {cfg.task!r}; launch/{stage.replace('-', '_')}.py runs task {task!r}")
+        raise ConfigError(f"task: {cfg.task!r}; {launcher_name(stage)} runs task {task!r}")
     if task == "finetune":
         from vmaescale.train.tasks.classify import check_finetune_config
         check_finetune_config(cfg)
     return cfg
 
 
+def launcher_name(stage: str) -> str:
+    return f"launch/{stage.replace('-', '_')}.py"
+
+
 def main(argv, stage: str, doc: str = "") -> int:
-    args = parse_args(argv, doc)
-    try:
-        cfg = checked_config(args, stage)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    """Parse and run; a user error (bad config, missing file) is one line and exit status 2
+    (`--debug` or VMAESCALE_DEBUG=1: the traceback)."""
+    args = parse_args(argv, doc, launcher_name(stage))
+    return report_user_errors(launcher_name(stage), run, args, stage, debug=debug_wanted(args))
+
+
+def run(args: argparse.Namespace, stage: str) -> int:
+    cfg = checked_config(args, stage)
     from vmaescale.train.engine import silence_library_deprecations
     from vmaescale.train.trainer import Trainer, print_summary
 
     silence_library_deprecations()
-    trainer = Trainer(cfg)
+    from vmaescale.train.rundir import RunDirError
+    try:
+        trainer = Trainer(cfg, allow_config_change=args.allow_config_change)
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     summary = trainer.train()
     if trainer.rank == 0:
         print_summary(summary)

@@ -28,6 +28,7 @@ from vmaescale.train import checkpoint as ckpt
 from vmaescale.train.engine import (build_engine, deepspeed_config, dist_env, init_distributed,
                                     resolve_precision)
 from vmaescale.train.optim import scaled_lr
+from vmaescale.train.rundir import RunDirError, RunLock, check_resume_config, describe
 from vmaescale.train.tasks import RunContext, make_task
 
 
@@ -74,14 +75,19 @@ class StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False):
         self.cfg = cfg
         self.env = dist_env()
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.device = init_distributed(self.env)
-        self.precision = resolve_precision(cfg, self.device)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        # Before any process group: a busy directory or a refused config change ends the
+        # launch at once, on every rank, in one line.
+        self.lock = RunLock(self.out) if self.rank == 0 else None
+        self.config_changes = self._check_resume_config(allow_config_change)
+        self._refuse_bad_shards()
+        self.device = init_distributed(self.env)
+        self.precision = resolve_precision(cfg, self.device)
         torch.manual_seed(cfg.train.seed + self.rank)
         self.stop = StopFlag()
         self.first_loss: tuple[int, float] | None = None  # (step, loss) of this run's first log
@@ -98,7 +104,8 @@ class Trainer:
         self.model = self.task.build_model().to(self.device)
         self.run_state = {"step": 0, "epoch": 0, "micro_step_in_epoch": 0, "mlflow_run_id": None,
                           "bad_samples": 0, "nonfinite_skipped": 0, "best": None}
-        resume = self._resume_point()
+        candidates = self._usable_checkpoints()
+        resume = self._resume_point(candidates.pop(0)) if candidates else None
         self.task.setup(self.model, resuming=resume is not None)
         if resume:
             self.run_state.update(resume["meta"]["run_state"])
@@ -119,7 +126,7 @@ class Trainer:
                                                                    schedule)
         self.task.attach_engine(self.engine)
         if resume:
-            self._load(resume)
+            self._load_or_fall_back(resume, candidates)
         self.train_flops_per_clip = self.task.train_flops_per_clip()
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops(self._device_name())
         self.tracker = self._tracker()
@@ -144,11 +151,49 @@ class Trainer:
             return torch.cuda.get_device_name(self.device)
         return "cpu"
 
-    def _resume_point(self) -> dict | None:
-        """The checkpoint to resume from, converted to Universal format on a new world size."""
-        tag = ckpt.resume_tag(self.ckpt_dir)
-        if tag is None:
+    def _check_resume_config(self, allow_change: bool) -> dict | None:
+        """On resume, the changes to the stored resolved config that are accepted (RunDirError
+        for one that alters the model, data order or optimisation, unless allowed)."""
+        stored = self.out / "config.json"
+        if not ckpt.complete_tags(self.ckpt_dir):
             return None
+        changes = check_resume_config(stored, self.cfg.to_dict(), allow_change)
+        if self.rank == 0:
+            if changes["harmless"]:
+                self.log(f"resuming with changed settings: {describe(changes['harmless'])}")
+            if changes["allowed"]:
+                self.log(f"resuming with config changes allowed by --allow-config-change: "
+                         f"{describe(changes['allowed'])}")
+        return changes
+
+    def _refuse_bad_shards(self) -> None:
+        """data.bad_shards='refuse': a corrupt, truncated or non-tar shard ends the launch here,
+        before any process group (ShardSetError naming it). 'skip' is left to the loader."""
+        data = self.cfg.data
+        if data.backend == "synthetic" or data.bad_shards != "refuse":
+            return
+        from vmaescale.data.loader import open_shard_set
+        for spec in dict.fromkeys(s for s in (data.shards, data.val_shards) if s):
+            open_shard_set(spec, bad_shards="refuse")
+
+    def _usable_checkpoints(self) -> list[str]:
+        """Complete tags whose files are all as recorded, best first; each unusable one is
+        named. RunDirError when checkpoints exist but none is usable (no silent restart)."""
+        usable, problems = [], []
+        for tag in ckpt.resume_candidates(self.ckpt_dir):
+            problem = ckpt.checkpoint_problem(self.ckpt_dir, tag)
+            if problem is None:
+                usable.append(tag)
+            else:
+                problems.append(f"{tag}: {problem}")
+                self.log(f"checkpoint {tag} cannot be resumed from: {problem}; trying the next older one")
+        if problems and not usable:
+            raise RunDirError(f"no usable checkpoint in {self.ckpt_dir} ({'; '.join(problems)}); "
+                              "move the directory away to start the run over")
+        return usable
+
+    def _resume_point(self, tag: str) -> dict:
+        """Where to resume: `tag`, converted to Universal format on a new world size."""
         meta = ckpt.checkpoint_meta(self.ckpt_dir, tag)
         universal = meta["world_size"] != self.world
         if universal:
@@ -160,12 +205,40 @@ class Trainer:
             tag = f"{tag}_universal"
         return {"tag": tag, "meta": meta, "universal": universal}
 
+    def _load_or_fall_back(self, resume: dict, older: list[str]) -> None:
+        """Load `resume`; when it fails to load on any rank, name it and try the older ones
+        (same world size: a Universal load is not retried)."""
+        while True:
+            error = self._try_load(resume)
+            if error is None:
+                return
+            if resume["universal"] or not older:
+                raise RunDirError(f"checkpoint {self.ckpt_dir / resume['tag']} failed to load: {error}")
+            self.log(f"checkpoint {resume['tag']} failed to load ({error}); trying the next older one")
+            resume = self._resume_point(older.pop(0))
+            self.run_state.update(resume["meta"]["run_state"])
+            self.loader = self.task.train_loader(self.run_state["epoch"],
+                                                 self.run_state["micro_step_in_epoch"])
+
+    def _try_load(self, resume: dict) -> str | None:
+        """Load a checkpoint on every rank; None, or the first rank's error when any failed."""
+        error = None
+        try:
+            self._load(resume)
+        except Exception as e:  # noqa: BLE001 - any failure to read files means "try older"
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() == 0:
+            return None
+        return error or "failed on another rank"
+
     def _load(self, resume: dict) -> None:
         tag = resume["tag"]
-        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True)
-        rank_file = self.ckpt_dir / tag / f"rank_state_{self.rank}.pt"
-        if rank_file.is_file() and not resume["universal"]:
-            state = torch.load(rank_file, weights_only=False)
+        with ckpt.weights_only_loads():
+            self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True)
+        if not resume["universal"]:  # a new world size starts every rank's RNG afresh
+            state = ckpt.load_rank_state(self.ckpt_dir, tag, self.rank)
             ckpt.set_rng_state(state["rng"])
             self.task.load_state_dict(state)
         self.task.load_shared_state(self.ckpt_dir / tag)
@@ -180,6 +253,9 @@ class Trainer:
         tracker = Tracker(self.cfg.tracking, self.rank, self.out, self.cfg.to_dict(),
                           run_id=self.run_state["mlflow_run_id"], tags=tags)
         self.run_state["mlflow_run_id"] = tracker.run_id
+        if self.config_changes and any(self.config_changes.values()):
+            tracker.set_tags({f"resume_config_{kind}": describe(changes)[:4000]
+                              for kind, changes in self.config_changes.items() if changes})
         return tracker
 
     # ---- one step -----------------------------------------------------------------------
@@ -283,6 +359,8 @@ class Trainer:
         summary = self._summary(status, rs["step"] - start_step, time.time() - t_start)
         self.tracker.log_dict(summary, "summary.json")
         self.tracker.finish({"completed": "FINISHED", "paused": "FINISHED"}.get(status, "KILLED"))
+        if self.lock is not None:
+            self.lock.release()
         return summary
 
     def _progress(self):
