@@ -23,6 +23,7 @@ LOCK_FILE = ".lock"
 # change them (logged). Prefixes end with "." and cover a whole section.
 RESUME_HARMLESS = ("name", "output_dir", "tracking.", "train.max_steps", "train.log_every",
                    "train.checkpoint_every", "train.keep_checkpoints", "train.recon_every",
+                   "train.run_steps", "train.max_bad_steps",
                    "train.peak_tflops", "data.num_workers", "data.bad_shards",
                    "finetune.eval_every_epochs")
 
