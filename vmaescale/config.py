@@ -303,6 +303,19 @@ def _refuse_non_finite(value: Any, where: str) -> None:
         _refuse_non_finite(item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]")
 
 
+def flat_fields(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"model.size": "B", "optim.betas": [0.9, 0.95], ...}: non-empty
+    dicts are walked, every other value is kept as it is."""
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flat_fields(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=value' -> (['a', 'b'], value); value is parsed as JSON, else kept as a string."""
     if "=" not in text:

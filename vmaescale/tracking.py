@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from vmaescale import __version__
-from vmaescale.config import TrackingConfig
+from vmaescale.config import TrackingConfig, flat_fields
 
 HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",    # MLflow default 7
@@ -89,21 +89,13 @@ ADVICE = (
 
 
 def flatten_config(d: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"model.size": "B", "optim.betas": "[0.9, 0.95]", ...}.
+    """Nested config -> {"model.size": "B", "optim.betas": "[0.9, 0.95]", ...}: MLflow params.
 
-    Non-empty dicts are walked; lists, tuples and empty dicts become JSON strings; every
-    other value becomes str(value).
+    Fields as `config.flat_fields` walks them; lists, tuples and empty dicts become JSON
+    strings, every other value str(value).
     """
-    flat = {}
-    for key, value in d.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, name))
-        elif isinstance(value, (dict, list, tuple)):
-            flat[name] = json.dumps(value)
-        else:
-            flat[name] = str(value)
-    return flat
+    return {name: json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+            for name, value in flat_fields(d, prefix).items()}
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:

@@ -85,7 +85,7 @@ def test_a_changed_optimisation_is_refused_with_the_difference_shown(finished, t
     stored = (out / "config.json").read_text()
     result = launch(out, "optim.base_lr=0.01", "model.decoder_depth=1", "train.max_steps=6")
     assert result.returncode != 0
-    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    error = next(line for line in result.stderr.splitlines() if line.startswith("launch/pretrain.py: error: "))
     assert "optim.base_lr: 0.03 -> 0.01" in error and "model.decoder_depth: 2 -> 1" in error, error
     assert "--allow-config-change" in error
     assert f'File "{REPO / "vmaescale"}' not in result.stderr  # no traceback of ours (torchrun prints its own)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from vmaescale.cli import ArgumentParser, add_debug_flag, debug_wanted, report_user_errors
 from vmaescale.config import ConfigError, load_config
@@ -58,12 +57,7 @@ def run(args: argparse.Namespace, stage: str) -> int:
     from vmaescale.train.trainer import Trainer, print_summary
 
     silence_library_deprecations()
-    from vmaescale.train.rundir import RunDirError
-    try:
-        trainer = Trainer(cfg, allow_config_change=args.allow_config_change)
-    except RunDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    trainer = Trainer(cfg, allow_config_change=args.allow_config_change)
     summary = trainer.train()
     if trainer.rank == 0:
         print_summary(summary)

@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from vmaescale.config import flat_fields
+
 LOCK_FILE = ".lock"
 
 # Fields that change neither the model, the data order nor the optimisation: a resume may
@@ -28,8 +30,9 @@ RESUME_HARMLESS = ("name", "output_dir", "tracking.", "train.max_steps", "train.
                    "finetune.eval_every_epochs")
 
 
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (locked, or a refused config change)."""
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (locked, a refused config change, no usable
+    checkpoint): a user error, reported in one line like a bad config."""
 
 
 class RunLock:
@@ -65,20 +68,9 @@ def _read_holder(fd: int) -> str:
         return "holder unknown"
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(stored: dict, new: dict) -> dict[str, tuple]:
     """Every field whose value differs: {'optim.base_lr': (old, new)}."""
-    a, b = flat(stored), flat(new)
+    a, b = flat_fields(stored), flat_fields(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
