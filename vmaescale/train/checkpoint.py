@@ -42,7 +42,7 @@ from vmaescale.train.state_io import load_state, save_state
 
 COMPLETE = "complete.json"
 SHARED_STATE = "shared_state.safetensors"
-TAG_PATTERN = re.compile(r"step_\d{8}(_universal)?")
+TAG_PATTERN = re.compile(r"step_\d{8}")  # what tag_for writes; not the _universal copies
 # Classes DeepSpeed pickles into its checkpoint files (ZeRO 1-3, fp16 / bf16 loss scaling);
 # plain data holders, no code runs when they are rebuilt.
 DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -104,7 +104,7 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
     return sorted(p.parent.name for p in ckpt_dir.glob(f"step_*/{COMPLETE}")
-                  if re.fullmatch(r"step_\d{8}", p.parent.name))  # not the _universal copies
+                  if TAG_PATTERN.fullmatch(p.parent.name))
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
@@ -156,12 +156,12 @@ def checkpoint_problem(ckpt_dir: Path, tag: str) -> str | None:
     tag_dir = ckpt_dir / tag
     try:
         meta = checkpoint_meta(ckpt_dir, tag)
-        expected = meta.get("files") or {p.name: None for p in tag_dir.iterdir()
-                                         if p.is_file() and p.name != COMPLETE}
+        expected = dict(meta["files"])
+        # Every rank's state file, even one rank 0's listing missed (a lagging network mount).
         expected |= {rank_state_file(r): expected.get(rank_state_file(r))
                      for r in range(int(meta["world_size"]))}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{tag_dir / COMPLETE} is unreadable ({type(e).__name__}: {e})"
+        return f"{tag_dir / COMPLETE} is unreadable or has no file list ({type(e).__name__}: {e})"
     for name, size in expected.items():
         path = tag_dir / name
         if not path.is_file():

@@ -154,10 +154,9 @@ class Trainer:
     def _check_resume_config(self, allow_change: bool) -> dict | None:
         """On resume, the changes to the stored resolved config that are accepted (RunDirError
         for one that alters the model, data order or optimisation, unless allowed)."""
-        stored = self.out / "config.json"
         if not ckpt.complete_tags(self.ckpt_dir):
             return None
-        changes = check_resume_config(stored, self.cfg.to_dict(), allow_change)
+        changes = check_resume_config(self.out / "config.json", self.cfg.to_dict(), allow_change)
         if self.rank == 0:
             if changes["harmless"]:
                 self.log(f"resuming with changed settings: {describe(changes['harmless'])}")
