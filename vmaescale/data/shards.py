@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -480,8 +481,26 @@ def tar_problem(tar_path: Union[str, Path]) -> Optional[str]:
     Checks that the file exists, is not empty, starts with a tar header, and that every
     member its `.idx` lists ends inside the file behind a tar header of the same size
     (without an `.idx`: that the walked headers end inside the file, before an
-    end-of-archive block). The reason reads after the file name: "x.tar <reason>"."""
-    tar_path = Path(tar_path)
+    end-of-archive block). The reason reads after the file name: "x.tar <reason>".
+
+    The answer is kept per process for the tar and its `.idx` as they are on disk (path,
+    size, mtime, inode), so the checks before the process group, at the train loader and at
+    every validation loader read each tar's headers once."""
+    tar_path = Path(tar_path).absolute()
+    return _tar_problem_of(tar_path, _file_identity(tar_path), _file_identity(tar_path.with_suffix(".idx")))
+
+
+def _file_identity(path: Path) -> Optional[tuple]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tar_problem_of(tar_path: Path, tar_identity: Optional[tuple], index_identity: Optional[tuple]) -> Optional[str]:
+    """tar_problem, computed (the identities only key the cache)."""
     try:
         file_bytes = tar_path.stat().st_size
     except OSError as e:
