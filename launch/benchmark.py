@@ -8,6 +8,12 @@ with the real loader, so the cost of data loading is visible.
 
 Runs the real DeepSpeed engine (same set-up as launch/pretrain.py, no checkpoints, no
 tracking). `--input both` runs one process per input kind and prints both rows.
+
+    python launch/benchmark.py --config configs/tiny.json --engine torch --compare hf
+
+`--engine torch` times the model with plain torch AdamW, no DeepSpeed (one process, in-memory
+clips); `--compare hf` adds transformers' VideoMAEForPreTraining of the same size, clip,
+batch and v1 tube mask, interleaved step by step, and prints the ratios (launch/bench_compare.py).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmaescale.cli import ArgumentParser, add_debug_flag, debug_wanted, report_user_errors  # noqa: E402
 from vmaescale.config import load_config  # noqa: E402
@@ -39,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
+    p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
+                   help="deepspeed = the training engine; torch = the model with plain AdamW")
+    p.add_argument("--compare", choices=("none", "hf"), default="none",
+                   help="hf = also time transformers' VideoMAEForPreTraining (implies --engine torch)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_debug_flag(p)
     return p.parse_args(argv)
@@ -129,7 +140,22 @@ def main(argv=None) -> int:
     return report_user_errors(PROG, run, args, debug=debug_wanted(args))
 
 
+def run_torch(args: argparse.Namespace) -> int:
+    """--engine torch / --compare hf: one process, no DeepSpeed (see launch/bench_compare.py)."""
+    from bench_compare import measure_torch, print_comparison
+
+    cfg = load_config(args.config, ["tracking.enabled=false", *args.set])
+    rows = measure_torch(cfg, args.steps, args.warmup, args.compare)
+    print_comparison(rows)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "torch" or args.compare != "none":
+        return run_torch(args)
     if args.input == "both":
         return run_both(args)
     row = measure(args)

@@ -172,6 +172,199 @@ def _run_export(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- runs
+
+
+def _add_runs(sub) -> None:
+    p = sub.add_parser("runs", help="look at MLflow runs: `runs compare`",
+                       description="Look at MLflow runs without writing code.")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
+    c = runs_sub.add_parser(
+        "compare", help="params that differ, final metrics, stages as a tree, metric curves",
+        description="Compare MLflow runs: the parameters that differ between them and their final "
+                    "metrics; a parent run (a schedule) shows its stages as a tree under it.\n\n"
+                    "  vmaescale runs compare --experiment vit-g\n"
+                    "  vmaescale runs compare RUN_ID RUN_ID --metric val_top1 --format csv\n"
+                    "  vmaescale runs compare --experiment demo --metric loss --plot curves.png",
+        formatter_class=HelpFormatter)
+    c.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to compare (with their child runs)")
+    c.add_argument("--experiment", default="", help="compare every run of this experiment")
+    c.add_argument("--metric", action="append", default=[], metavar="M",
+                   help="a metric to show and plot (repeatable); default: those of loss, val_loss, "
+                        "val_top1, val_top5, test_top1, test_top5, test_mean_class_accuracy, "
+                        "recon_psnr the runs have")
+    c.add_argument("--format", default="table", choices=("table", "csv", "json"), help="output format")
+    c.add_argument("--plot", default="", metavar="PNG",
+                   help="write the chosen metrics' full histories against step to this PNG")
+    c.add_argument("--tracking-uri", default="",
+                   help="MLflow store or server; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    add_debug_flag(c)
+    c.set_defaults(func=_run_runs_compare)
+
+
+def _run_runs_compare(args) -> int:
+    from vmaescale.runs import compare, plot_curves, render
+
+    comp = compare(args.tracking_uri or None, args.experiment or None, args.run_ids, args.metric)
+    print(render(comp, args.format))
+    if args.plot:
+        print(f"wrote {plot_curves(comp, args.plot)}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _add_source_flags(p) -> None:
+    p.add_argument("src", help="vmaescale run dir (best/, else final/), vmaescale checkpoint dir, "
+                               "official .pth or Hugging Face VideoMAE dir (imported on the fly)")
+    p.add_argument("--shards", required=True, help="shard dir (with manifest.parquet) or a glob of its tars")
+    p.add_argument("--select", default="auto", choices=("auto", "best", "final"),
+                   help="which weights of a run dir (auto: best/ when present, else final/)")
+    p.add_argument("--backend", default="auto", choices=("auto", "dali", "fallback"),
+                   help="decoder: DALI, or PyAV (fallback); auto picks DALI when it can decode the shards here")
+    p.add_argument("--num-workers", type=int, default=2, help="decoding threads / loader workers")
+    p.add_argument("--bad-shards", default="refuse", choices=("refuse", "skip"),
+                   help="a corrupt or truncated tar: refuse to start, or leave it out (named)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="official .pth files that a weights-only load refuses; only for files you trust")
+
+
+def _add_tracking_flags(p) -> None:
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow store (default: the run's, else $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default="", help="MLflow experiment (default: the run's, else vmaescale)")
+    p.add_argument("--run-id", default="", help="log into this MLflow run (default: the run dir's own run)")
+    p.add_argument("--parent-run-id", default="", help="log into a new child run of this MLflow run")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="multi-view test of a classifier: top-1 / top-5 / per class, confusion, predictions",
+        description="Multi-view test (SPEC section 4): CLIPSxCROPS views per video (short side resized to "
+                    "the crop size, crops at the left / centre / right of the long side, optionally "
+                    "flipped), softmax averaged per video. Writes summary.json, per_class.csv, "
+                    "predictions.parquet, failed.csv and confusion.png, and logs them to MLflow. Runs "
+                    "on one process or under torchrun / deepspeed (each video counted once).")
+    _add_source_flags(p)
+    p.add_argument("--out", default=None, help="output dir (default for a run dir: <run>/eval/<shard dir name>)")
+    p.add_argument("--views", default="",
+                   help="CLIPSxCROPS: 5x3 for Kinetics / UCF / HMDB, 2x3 for SSv2 (default: the run's "
+                        "data.test_num_segment x data.test_num_crop, else 5x3)")
+    p.add_argument("--sampling", default="", choices=("", "stride", "segment"),
+                   help="stride: clips of T frames at --sampling-rate spread over the video; segment: "
+                        "SSv2-style segment sampling (default: the run's data.test_sampling, else stride)")
+    p.add_argument("--sampling-rate", type=int, default=0, help="frame stride (default: the run's, else 4)")
+    p.add_argument("--flip", action="store_true", help="add the horizontal flip of every view")
+    p.add_argument("--short-side", type=int, default=0, help="resize the short side to this (default: the crop size)")
+    p.add_argument("--batch-videos", type=int, default=2, help="videos per forward batch (each with all its views)")
+    p.add_argument("--exclude-failed", action="store_true",
+                   help="leave videos that fail to decode out of the metrics (default: count them as misses)")
+    p.add_argument("--metric-prefix", default="test", help="MLflow metric names: <prefix>_top1, ...")
+    _add_tracking_flags(p)
+    add_debug_flag(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from vmaescale.eval.multiview import run_evaluate
+    return run_evaluate(args)
+
+
+def _add_features(sub) -> None:
+    p = sub.add_parser(
+        "extract-features", help="frozen-encoder features over windows of every video -> parquet",
+        description="For every video: windows of --window frames every --stride frames, the model's clip "
+                    "length sampled uniformly in each (linspace), short side resized and centre-cropped "
+                    "to the model's size, encoder tokens mean-pooled (fc_norm applied for classifiers "
+                    "unless --no-fc-norm). Parquet columns: key, label, window_start, window_frames, "
+                    "embedding (float32 list).")
+    p.add_argument("src", help="vmaescale run dir / checkpoint dir, official .pth or Hugging Face dir")
+    p.add_argument("--shards", required=True, help="shard dir, folder of video files, or CSV list (path[,label])")
+    p.add_argument("--out", required=True, help="output parquet file")
+    p.add_argument("--window", type=int, default=0, help="frames per window (default: the model's clip length)")
+    p.add_argument("--stride", type=int, default=0, help="frames between window starts (default: --window)")
+    p.add_argument("--short", default="pad", choices=("pad", "skip"),
+                   help="a video shorter than one window: one window padded with its last frame, or skipped (listed)")
+    p.add_argument("--no-fc-norm", action="store_true", help="classifiers: the plain token mean, without fc_norm")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--decoder", default="auto", choices=("auto", "pyav", "dali"),
+                   help="auto: DALI on a GPU when it imports, else PyAV")
+    p.add_argument("--device", default="", help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument("--select", default="auto", choices=("auto", "best", "final"),
+                   help="which weights of a run dir (auto: best/ when present, else final/)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="official .pth files that a weights-only load refuses; only for files you trust")
+    add_debug_flag(p)
+    p.set_defaults(func=_run_features)
+
+
+def _run_features(args) -> int:
+    from vmaescale.eval.features import run_extract_features
+    return run_extract_features(args)
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser(
+        "reconstruct", help="reconstruction PSNR / SSIM / MSE of pretraining checkpoints on held-out clips",
+        description="Reconstruct the centre clips of the first --clips videos under masks drawn from --seed "
+                    "(the same clips and masks for every checkpoint): PSNR, SSIM and MSE over the masked "
+                    "region and the whole clip, inference clips/s, peak memory and a grid PNG per model. "
+                    "--compare puts a second checkpoint beside SRC in one table.")
+    p.add_argument("src", help="pretraining checkpoint: vmaescale run / checkpoint dir, official pretrain .pth, "
+                               "or Hugging Face VideoMAEForPreTraining dir")
+    p.add_argument("--shards", required=True, help="held-out shard dir (with manifest.parquet) or a glob of its tars")
+    p.add_argument("--compare", default="", help="a second pretraining checkpoint, on the same clips and masks")
+    p.add_argument("--out", default="", help="output dir (default for a run dir: <run>/reconstruct)")
+    p.add_argument("--clips", type=int, default=16, help="clips: one centre clip of each of the first N videos")
+    p.add_argument("--seed", type=int, default=0, help="mask seed")
+    p.add_argument("--mask", default="tube:0.9", help="encoder mask NAME:RATIO (tube, random, frame)")
+    p.add_argument("--decoder-mask", default="none",
+                   help="none = decode every masked token; running_cell:0.5 = as V2 trains")
+    p.add_argument("--sampling-rate", type=int, default=0, help="frame stride (default: the run's, else 4)")
+    p.add_argument("--batch-size", type=int, default=4, help="clips per forward")
+    p.add_argument("--backend", default="auto", choices=("auto", "dali", "fallback"), help="decoder")
+    p.add_argument("--device", default="", help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument("--select", default="auto", choices=("auto", "best", "final"),
+                   help="which weights of a run dir (auto: best/ when present, else final/)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="official .pth files that a weights-only load refuses; only for files you trust")
+    add_debug_flag(p)
+    p.set_defaults(func=_run_reconstruct)
+
+
+def _run_reconstruct(args) -> int:
+    from vmaescale.eval.reconstruct import run_reconstruct
+    return run_reconstruct(args)
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="what a run on this node would use (GPUs, NCCL, DeepSpeed, DALI, MLflow)",
+                       description="Check this node for a run: GPUs, driver, CUDA, NCCL, torch, DeepSpeed and "
+                                   "its ops, DALI and libnvcuvid, the SDPA kernel of the B and g attention "
+                                   "shapes, the launch environment, MLflow. Each check is ok / warn / fail "
+                                   "with the fix; exit status 1 when any fails.")
+    p.add_argument("--config", default=None, help="a run config: check its tracking.tracking_uri")
+    p.add_argument("--tracking-uri", default="", help="MLflow URI to check (default: the config's, "
+                                                      "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_debug_flag(p)
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from vmaescale.config import load_config
+    from vmaescale.doctor import print_report, run_checks
+
+    uri = args.tracking_uri or (load_config(args.config).tracking.tracking_uri if args.config else "")
+    checks = run_checks(uri)
+    print_report(checks)
+    return 1 if any(c.level == "fail" for c in checks) else 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -179,7 +372,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="vmaescale", description=__doc__)
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_flops, _add_import, _add_export):
+    for add in (_add_flops, _add_import, _add_export, _add_runs, _add_evaluate, _add_features,
+                _add_reconstruct, _add_doctor):
         add(sub)
     return parser
 

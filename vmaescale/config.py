@@ -39,6 +39,13 @@ class ModelConfig:
     drop_path: float = _f(0.0, lo=0.0, hi=1.0)
     checkpoint_activations: bool = _f(False, help="per-block activation checkpointing")
     compile: bool = _f(False, help="torch.compile the model")
+    temporal: str = _f("full", choices=("full", "frame_average"),
+                       help="classifiers: full = space-time tokens; frame_average = a control that sees "
+                            "no motion: each frame encoded alone, features averaged over frames")
+    compile_scope: str = _f("model", choices=("model", "blocks"),
+                            help="model = one graph (DeepSpeed engine.compile); blocks = each "
+                                 "transformer block compiled on its own (regional: g's 40 blocks "
+                                 "share one compiled graph, so start-up is far shorter)")
 
 
 @dataclass
@@ -61,9 +68,20 @@ class DataConfig:
     image_size: int = _f(224, lo=16, hi=1024)
     num_sample: int = _f(4, lo=1, hi=32, help="repeated sampling: clips per decoded video")
     num_workers: int = _f(4, lo=0, hi=64)
-    shuffle_buffer: int = _f(1000, lo=0)
+    shuffle_buffer: int = _f(1000, lo=0, help="fallback: samples mixed in its shuffle buffer; DALI: "
+                                             "> 1 = each train epoch in a fresh permutation")
+    prefetch_batches: int = _f(2, lo=1, hi=64, help="batches each loader prepares ahead (DALI: chunks of "
+                                                    "videos_per_gpu videos in flight, at least "
+                                                    "dali_pipelines; fallback: per DataLoader worker)")
+    dali_pipelines: int = _f(1, lo=1, hi=16, help="DALI decoder pipelines per loader (per GPU), each "
+                                                  "built once and run by its own thread; consecutive "
+                                                  "chunks of videos go to them round-robin; the "
+                                                  "batches are the same whatever the count")
     test_num_segment: int = _f(5, lo=1, hi=32)
     test_num_crop: int = _f(3, choices=(1, 3))
+    test_sampling: str = _f("stride", choices=("stride", "segment"),
+                            help="eval clips: stride = test_num_segment clips at sampling_rate spread "
+                                 "over the video; segment = SSv2-style segment sampling")
     short_side: int = _f(224, lo=16, hi=2048)
     bad_shards: str = _f("refuse", choices=("refuse", "skip"),
                          help="a corrupt, truncated or non-tar shard found when the loader is built: "
@@ -113,7 +131,16 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, lo=1)
     recon_every: int = _f(0, lo=0, help="log reconstructions every M steps; 0 = only at the end")
     max_bad_steps: int = _f(5, lo=1, help="stop after this many non-finite losses in a row")
+    check_every: int = _f(10, lo=1, help="optimizer steps between the loop's one host sync (stop "
+                                         "flag, non-finite counts); also at log, eval and "
+                                         "checkpoint steps")
     peak_tflops: float = _f(0.0, lo=0.0, help="per-device bf16 peak for MFU; 0 = look up the device")
+    time_limit_s: float = _f(0.0, lo=0.0, help="wall-clock budget of one launch: after this many seconds "
+                                               "checkpoint and exit 75 (requeue me); 0 = none")
+    end_margin_s: float = _f(0.0, lo=0.0, help="under Slurm: checkpoint and exit 75 this many seconds "
+                                               "before the job's end time (squeue %e); 0 = off")
+    dist_timeout_s: float = _f(600.0, lo=10.0, help="process-group timeout: a collective waiting this "
+                                                    "long on a dead or hung rank fails, naming it")
 
 
 @dataclass
@@ -136,6 +163,10 @@ class FinetuneConfig:
     model_ema: bool = _f(False, help="keep an EMA of the weights (ZeRO stages 0-2)")
     ema_decay: float = _f(0.9999, lo=0.0, hi=1.0)
     eval_every_epochs: float = _f(1.0, lo=0.0, help="single-view validation every N epochs; 0 = at the end only")
+    test_at_end: bool = _f(True, help="multi-view test of best/ (else final/) when the run completes: "
+                                      "data.test_num_segment x data.test_num_crop views")
+    test_shards: str = _f("", help="shards of the end-of-run test; '' = data.val_shards, else data.shards")
+    test_flip: bool = _f(False, help="end-of-run test: add the horizontal flip of every view")
 
 
 @dataclass
@@ -145,6 +176,9 @@ class TrackingConfig:
     run_name: str = _f("")
     tracking_uri: str = _f("", help="empty = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     system_metrics: bool = _f(True)
+    parent_run_id: str = _f("", help="a new run becomes a child of this MLflow run (a schedule's "
+                                     "stage; launch/progressive.py sets it); '' = no parent")
+    tags: dict = _f({}, help="extra MLflow tags of the run, {name: value}")
 
 
 @dataclass

@@ -5,7 +5,8 @@ Convention: a mask is bool [B, N] over tokens in (t, h, w) order, True = masked.
 - Decoder mask (running cell, VideoMAE V2): True = not reconstructed, as in the official
   code; the decoder predicts the positions where it is False.
 Every sample has the same number of masked tokens, so visible tokens gather into
-[B, Nv, D] without padding.
+[B, Nv, D] without padding, and the counts are known before any mask is drawn
+(`MaskGenerator.counts`): the model needs no host read of a mask to size its gathers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def token_grid(num_frames: int, image_size: int, patch_size: int, tubelet_size: 
             raise ValueError(f"{name} {value} is not divisible by {div}")
     side = image_size // patch_size
     return TokenGrid(num_frames // tubelet_size, side, side)
+
+
+@dataclass(frozen=True)
+class MaskCounts:
+    """Tokens per sample that the encoder sees and that the decoder predicts."""
+
+    visible: int
+    decoded: int
 
 
 def _first_k_of_random_order(batch: int, n: int, k: int, device, generator) -> torch.Tensor:
@@ -93,14 +102,39 @@ def running_cell_patterns(grid: TokenGrid, ratio: float, device=None) -> torch.T
     return torch.stack(maps)
 
 
-def running_cell_mask(batch: int, grid: TokenGrid, ratio: float, device=None, generator=None) -> torch.Tensor:
-    """Decoder mask: one of the 4 running-cell maps per sample, chosen uniformly."""
-    patterns = running_cell_patterns(grid, ratio, device)
+def running_cell_mask(batch: int, grid: TokenGrid, ratio: float, device=None, generator=None,
+                      patterns: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder mask: one of the 4 running-cell maps per sample, chosen uniformly.
+
+    `patterns`: the maps of `running_cell_patterns(grid, ratio, device)`, built once by the
+    caller (building them is ~200 tiny launches); None builds them here."""
+    if patterns is None:
+        patterns = running_cell_patterns(grid, ratio, device)
     choice = torch.randint(0, 4, (batch,), device=device, generator=generator)
     return patterns[choice]
 
 
 _ENCODER_FNS = {"tube": tube_mask, "random": random_mask, "frame": frame_mask}
+
+
+def encoder_masked_count(grid: TokenGrid, encoder: str, ratio: float) -> int:
+    """Tokens per sample that `encoder` masks (the same k as the mask functions draw)."""
+    if encoder == "tube":
+        return int(ratio * grid.per_slot) * grid.t
+    if encoder == "frame":
+        return int(ratio * grid.t) * grid.per_slot
+    return int(ratio * grid.num_tokens)
+
+
+def mask_counts(grid: TokenGrid, encoder: str, encoder_ratio: float, decoder: str,
+                decoder_ratio: float) -> MaskCounts:
+    """Visible and decoded tokens per sample; v1 decodes every encoder-masked token, the
+    running cell decodes the 4 - int(4 * ratio) cells of every 2x2 it leaves open."""
+    masked = encoder_masked_count(grid, encoder, encoder_ratio)
+    if decoder == "none":
+        return MaskCounts(grid.num_tokens - masked, masked)
+    open_cells = 4 - int(4 * decoder_ratio)
+    return MaskCounts(grid.num_tokens - masked, grid.num_tokens * open_cells // 4)
 
 
 class MaskGenerator:
@@ -118,14 +152,16 @@ class MaskGenerator:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
-        if decoder == "running_cell":
-            running_cell_patterns(grid, decoder_ratio)  # validate early
+        self.patterns = (running_cell_patterns(grid, decoder_ratio, self.device)
+                         if decoder == "running_cell" else None)  # built once, on the device
+        self.counts = mask_counts(grid, encoder, encoder_ratio, decoder, decoder_ratio)
 
     def __call__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         enc = _ENCODER_FNS[self.encoder](batch, self.grid, self.encoder_ratio, self.device, self.generator)
         if self.decoder == "none":
             return enc, None
-        dec = running_cell_mask(batch, self.grid, self.decoder_ratio, self.device, self.generator)
+        dec = running_cell_mask(batch, self.grid, self.decoder_ratio, self.device, self.generator,
+                                self.patterns)
         return enc, dec
 
     def state_dict(self) -> dict:

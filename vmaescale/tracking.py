@@ -362,3 +362,49 @@ def stage_tags(stage: str, index: int, stages: Iterable[str]) -> dict[str, str]:
     """Tags that place a child run in its schedule: stage name, position and the full order."""
     return {"vmaescale.stage": stage, "vmaescale.stage_index": str(index),
             "vmaescale.stages": json.dumps(list(stages))}
+
+
+MODEL_ARTIFACT = "model"
+MODEL_URI_TAG = "vmaescale.model_uri"
+
+
+def log_classifier_model(tracking_uri: str, run_id: str, checkpoint_dir: str | Path,
+                         registry_name: str = "") -> dict[str, str | None]:
+    """Log a classifier checkpoint dir to run `run_id` as the MLflow model `model`
+    (pyfunc, with its Hugging Face export and class names: `vmaescale.mlflow_model`) and,
+    when `registry_name` is given, register it as a new version of that registered model.
+
+    Returns {"model_uri": "runs:/<id>/model", "registered": "<name>/<version>" or None}.
+    Raises on any MLflow error (the caller decides whether that is fatal).
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from vmaescale.mlflow_model import save_classifier_model
+
+    limit_http_retries()
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_classifier_model(checkpoint_dir, Path(tmp) / MODEL_ARTIFACT)
+        client.log_artifacts(run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+    model_uri = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+    registered = register_model(client, run_id, registry_name) if registry_name else None
+    return {"model_uri": model_uri, "registered": registered}
+
+
+def register_model(client, run_id: str, name: str) -> str:
+    """A new version of registered model `name` (created if missing) from the run's model;
+    returns "<name>/<version>"."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name, description="vmaescale classifier (pyfunc + Hugging Face export)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    version = client.create_model_version(name, source, run_id=run_id)
+    return f"{name}/{version.version}"

@@ -69,10 +69,18 @@ def test_the_fallback_loader_refuses_rand_augment_naming_the_option(static_shard
         first_batch(finetune_data(static_shards, "fallback", "data.rand_augment=rand-m7-n4-mstd0.5-inc1"))
 
 
+def clips_by_view(data, seed=0) -> dict:
+    """(video_index, view) -> clip over one epoch: the backends' epoch orders differ."""
+    loader = build_loader(data, 2, 0, 1, mode="train", seed=seed, num_classes=2)
+    return {(v, view): clip for batch in loader
+            for v, view, clip in zip(batch["video_index"].tolist(), batch["view"].tolist(), batch["video"])}
+
+
 def test_both_loaders_draw_the_same_crops_flips_and_erasing(static_shards):
     extra = ("data.erase_prob=1.0",)
-    dali, fallback = (first_batch(finetune_data(static_shards, b, *extra)) for b in ("dali", "fallback"))
-    assert (dali - fallback).abs().mean() < 0.1
+    dali, fallback = (clips_by_view(finetune_data(static_shards, b, *extra)) for b in ("dali", "fallback"))
+    assert dali.keys() == fallback.keys()
+    assert all((dali[k] - fallback[k]).abs().mean() < 0.1 for k in dali)
 
 
 def test_erasing_is_one_box_for_every_frame_with_fresh_noise_per_frame():

@@ -143,16 +143,3 @@ def test_a_bad_sample_does_not_change_the_other_videos_clips(planted_shards, vp9
     assert all((clean[k] == planted[k]).all() for k in clean)
 
 
-def test_nframes_is_read_as_raw_bytes_because_int32_fails_the_whole_build(planted_shards):
-    from nvidia.dali import fn, pipeline_def, types
-
-    tar = planted_shards / shard_name(PLANTED_SHARD)
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def read_nframes_as_int32():
-        return fn.readers.webdataset(paths=[str(tar)], index_paths=[str(tar.with_suffix(".idx"))],
-                                     ext=["nframes"], dtypes=[types.INT32],
-                                     missing_component_behavior="empty")
-
-    with pytest.raises(RuntimeError, match="component size and dtype incompatible"):
-        read_nframes_as_int32().build()

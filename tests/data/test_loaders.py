@@ -164,26 +164,6 @@ def test_every_rank_runs_the_same_number_of_train_steps(vp9_shards, backend, wor
     assert {loader.steps_per_epoch for loader in loaders} == {VIDEOS // world_size}
 
 
-def test_dali_reader_takes_either_video_extension(vp9_shards, h264_shards):
-    from nvidia.dali import fn, pipeline_def, types
-
-    tars = sorted(vp9_shards.glob("*.tar")) + sorted(h264_shards.glob("*.tar"))
-
-    @pipeline_def(batch_size=2 * VIDEOS, num_threads=1, device_id=None)
-    def read():
-        return fn.readers.webdataset(paths=[str(t) for t in tars],
-                                     index_paths=[str(t.with_suffix(".idx")) for t in tars],
-                                     ext=["mp4;webm"], dtypes=[types.UINT8],
-                                     missing_component_behavior="error")
-
-    pipe = read()
-    pipe.build()
-    (videos,) = pipe.run()
-    names = sorted(videos[i].source_info().rsplit(".", 1)[-1] for i in range(2 * VIDEOS))
-    assert names == ["mp4"] * VIDEOS + ["webm"] * VIDEOS
-    assert all(videos[i].shape()[0] > 0 for i in range(2 * VIDEOS))
-
-
 def test_fallback_workers_give_a_deterministic_stream(vp9_shards):
     cfg = data_config(vp9_shards, "fallback", num_workers=2)
     runs = [[b["video_index"].tolist() for b in build_loader(cfg, 2, 0, 1, seed=1)]

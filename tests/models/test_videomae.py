@@ -7,7 +7,7 @@ import torch
 
 from vmaescale.masking import MaskGenerator, token_grid
 from vmaescale.models import VideoClassifier, VideoMAEPretrain, get_size
-from vmaescale.models.videomae import IMAGENET_MEAN, IMAGENET_STD, reconstruction_target
+from vmaescale.models.videomae import IMAGENET_MEAN, IMAGENET_STD, reconstruction_target, true_indices
 from vmaescale.models.vit import sinusoid_table
 
 NANO = get_size("nano")
@@ -101,7 +101,7 @@ def test_v2_loss_ignores_decoded_tokens_the_encoder_saw():
     per_token = ((model_out - labels) ** 2).mean(-1)
     weight = (~seen).float()
     loss_a = (per_token * weight).sum() / weight.sum()
-    loss_b = model.forward_loss(video, model_out, enc, decoded)
+    loss_b = model.forward_loss(video, model_out, enc, true_indices(decoded))
     torch.testing.assert_close(loss_a, loss_b)
 
 
@@ -214,3 +214,28 @@ def test_model_package_imports_no_deepspeed_dali_or_mlflow():
             "or m.startswith('nvidia.dali')]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_frame_average_classifier_ignores_frame_order_and_round_trips(tmp_path):
+    """The control of docs/results.md: each frame encoded alone, so no order, no motion."""
+    from vmaescale.models.checkpoint import load_model_dir, save_model_dir
+    from vmaescale.models.interop import export_hf
+    torch.manual_seed(0)
+    model = VideoClassifier(get_size("nano"), 3, 8, 32, drop_path=0.0, init_scale=1.0,
+                            temporal="frame_average").eval()
+    video = torch.randn(2, 3, 8, 32, 32)
+    shuffled = video[:, :, torch.randperm(8)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(shuffled), model(video), atol=1e-5, rtol=1e-5)
+        # one frame alone, repeated into a tubelet, is what the encoder sees
+        single = VideoClassifier(get_size("nano"), 3, 2, 32, drop_path=0.0).eval()
+        single.load_state_dict(model.state_dict())
+        frame = video[:1, :, :1].expand(-1, -1, 2, -1, -1)
+        torch.testing.assert_close(model.forward_tokens(video[:1, :, :1]), single.forward_tokens(frame))
+        full = VideoClassifier(get_size("nano"), 3, 8, 32, drop_path=0.0).eval()
+        full.load_state_dict(model.state_dict())
+        assert not torch.allclose(full(shuffled), full(video), atol=1e-4)  # the full model sees order
+    loaded = load_model_dir(save_model_dir(model, tmp_path / "fa"))
+    assert loaded.temporal == "frame_average"
+    with pytest.raises(ValueError, match="no transformers equivalent"):
+        export_hf(tmp_path / "fa", tmp_path / "hf")

@@ -1,4 +1,5 @@
-"""A non-finite loss is skipped on every rank and stops the run after train.max_bad_steps."""
+"""A non-finite loss skips its optimizer step on every rank and stops the run after
+train.max_bad_steps in a row; the loop learns of it at its one check, not before backward."""
 
 from __future__ import annotations
 
@@ -89,12 +90,27 @@ def test_nan_gradients_under_a_finite_loss_are_skipped_then_stop_the_run(tmp_pat
 
 
 @pytest.mark.usefixtures("single_rank")
-def test_a_skipped_micro_batch_is_replaced_so_accumulation_stays_aligned(tmp_path):
+def test_a_non_finite_micro_batch_skips_its_optimizer_step_and_accumulation_stays_aligned(tmp_path):
     run = nano_run(tmp_path / "run", "train.grad_accum=2", "train.max_steps=4",
-                   "train.checkpoint_every=100", "train.recon_every=0")
-    poison_first_pixel(run, batches=[1])  # micro batches 1, 5, 9 are NaN: never 3 in a row
+                   "train.checkpoint_every=100", "train.recon_every=0", "train.check_every=4")
+    poison_first_pixel(run, batches=[1])  # micro batches 1 and 5 are NaN: steps 1 and 3
     fix_token0(run, visible=True)
     assert run.train()["status"] == "completed"
-    assert run.run_state["nonfinite_skipped"] == 3
-    assert run.engine.global_steps == run.run_state["step"] == 4  # 8 good micro batches
-    assert run.run_state["micro_step_in_epoch"] == 11
+    assert run.run_state["nonfinite_skipped"] == 2  # both counted at the one check, step 4
+    assert run.engine.skipped_steps == 2
+    assert run.engine.global_steps == run.run_state["step"] == 4
+    assert run.run_state["micro_step_in_epoch"] == 8  # no micro batch replaced: 4 x 2
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_the_limit_stops_at_the_next_check_even_between_check_points(tmp_path):
+    """Non-finite losses every step: the host sees DeepSpeed skip, so reaching the limit
+    forces a check at once; the message names non-finite losses, not gradients."""
+    from vmaescale.train.trainer import NonFiniteLossError
+
+    run = nano_run(tmp_path / "run", "train.check_every=1000", "train.log_every=1000")
+    poison_first_pixel(run)
+    fix_token0(run, visible=True)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 3"):
+        run.train()
+    assert run.run_state["step"] == 3

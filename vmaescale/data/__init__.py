@@ -16,7 +16,7 @@ A shard set is a directory:
 Each sample holds:
 
     <key>.mp4 | <key>.webm   the encoded video (h264 in mp4, vp9 in webm)
-    <key>.nframes            frame count, 4 bytes little-endian int32 (DALI reads it as INT32)
+    <key>.nframes            frame count, 4 bytes little-endian int32 (read as raw bytes, parsed on the host)
     <key>.cls                label as ASCII decimal (absent when unlabeled)
     <key>.json               metadata: source path, original fps, size, duration
 

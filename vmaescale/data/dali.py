@@ -1,87 +1,109 @@
-"""The DALI input pipeline: `fn.readers.webdataset` + `fn.decoders.video`.
+"""The DALI input pipeline: samples read on the host by index, decoded by `fn.decoders.video`.
 
-Two pipelines per loader:
-- the reader reads the rank's range of samples (`shard_id`, `num_shards`, shuffled through
-  an `initial_fill` buffer in train mode, `pad_last_batch`, `stick_to_shard`) and hands
-  the encoded video, `.nframes`, `.cls` and the sample's tar and key (from DALI's
-  source_info) to the host;
-- the decoder gets, per video, the encoded bytes and the parameters drawn on the host by
+Built once per loader and kept for the whole run (`set_epoch` only moves the position):
+- the reader: the shard set's SampleIndex (`vmaescale.data.shardset`; the tars in order,
+  each in the order of its `.idx`, grouped as DALI's webdataset reader groups them), read
+  with one seek per component, so an epoch can visit the rank's samples in any order;
+- `data.dali_pipelines` decoder pipelines, each run by its own long-lived thread. Chunks of
+  videos_per_gpu samples go to them round-robin and come back in order, so the reading and
+  decoding of consecutive chunks overlap (up to max(dali_pipelines, prefetch_batches)
+  chunks in flight) and the batches are the same whatever the count. A decoder gets, per
+  video, the encoded bytes and the parameters drawn on the host by
   `vmaescale.data.transforms` (frame indices; crop boxes or resize size and crop starts),
-  decodes only those frames (`device="mixed"` on a GPU, "cpu" otherwise), crops and
-  resizes them (one box for every frame of a clip), normalizes, and returns
+  decodes only those frames (`device="mixed"` on a GPU, "cpu" otherwise), crops and resizes
+  them (one box for every frame of a clip), normalizes, and returns
   [num_views, 3, T, S, S] float32 per video. Train mode decodes a video once and crops it
   num_sample times.
+
+The epoch's order. The reader's N samples are split like DALI's reader shards: shard i
+holds positions [N * i // W, N * (i + 1) // W) for W ranks. A train epoch reads shard
+(rank + epoch) % W, so the shards rotate across ranks from epoch to epoch, in a permutation
+drawn from (seed, epoch, shard) (`data.shuffle_buffer` > 1; else in reader order), and
+cycles through that same permutation again when bad samples leave it short of the epoch's
+steps. An eval epoch reads shard `rank` once, in reader order: every sample of the set
+exactly once over the ranks. The order is a pure function of (seed, epoch, rank, W) and
+the shard set, never of what an earlier epoch read, which is why a loader keeps its
+pipelines across epochs and a resumed run (a fresh loader at (epoch, start_step)) gets the
+uninterrupted run's batches: `start_step` starts at position start_step * videos_per_gpu of
+the epoch's order without reading the skipped samples (exact unless a skipped sample was
+bad, as in the fallback). DALI's own webdataset reader cannot do this: it reads its shard
+sequentially from where the previous epoch left it, its shuffle buffer (`initial_fill`) is
+seeded once per pipeline build, and it cannot seek, so it had to be rebuilt every epoch.
 
 Drawing the parameters on the host (not with DALI's own RNG) gives both backends the same
 clips for the same (seed, epoch, video), makes resuming at a step exact, and lets a bad
 sample be isolated: DALI's video decoder raises for the whole batch on an empty,
-non-video or truncated input ("no longer valid" pipeline), so the loader rebuilds the
-decoder (milliseconds, it holds no state), decodes that batch one video at a time, and
+non-video or truncated input ("no longer valid" pipeline), so the loader rebuilds that
+decoder (milliseconds, it holds no state), decodes the chunk one video at a time, and
 reports the videos that fail. The decoder runs with pad_mode="none": indices are clamped
 to `.nframes` on the host (edge padding), so an index the decoder cannot reach means the
 file holds fewer frames than `.nframes` says (truncated), which raises instead of being
-padded silently.
-
-The reader reads `.nframes` as raw bytes (UINT8) and the host parses them: with
-dtypes=INT32 a single malformed `.nframes` fails the reader's build for the whole shard set.
-
-The epoch's shard and shuffle: a reader is built per epoch, so train epochs rotate the
-shards themselves (shard_id = (rank + epoch) % world_size, what stick_to_shard=False does
-inside one long-lived reader) and seed the shuffle from (seed, epoch).
+padded silently. `.nframes` and `.cls` are read as raw bytes and parsed on the host, so a
+malformed one is a bad sample, not a failed pipeline.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
-import queue
-import re
-import threading
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from vmaescale.config import DataConfig
-from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample, SampleInfo,
-                                   ShardSet, batches_from_videos, eval_steps_per_epoch,
-                                   sample_info, train_steps_per_epoch, view_shape)
 from vmaescale.data.augment import MAGNITUDE_BINS, RAND_AUGMENT_OPS, TrainAugment
-from vmaescale.data.shards import split_member_name
+from vmaescale.data.samples import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample,
+                                    SampleInfo, batches_from_videos, eval_steps_per_epoch,
+                                    sample_info, train_steps_per_epoch, view_shape)
+from vmaescale.data.shardset import SampleIndex, ShardSet, index_samples
 from vmaescale.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_view, finish_train_clips,
                                        train_view)
 
-PREFETCH_BATCHES = 2
+ORDER_STREAM = 0x0DE5  # keeps the epoch-order generator apart from transforms.video_rng's
+
+
+def dali_shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:
+    """Reader positions of DALI's shard `shard_id`: [N * id // shards, N * (id + 1) // shards)."""
+    return range(num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards)
 
 
 def dali_shard_size(num_samples: int, shard_id: int, num_shards: int) -> int:
-    """Samples in DALI's shard `shard_id`: [N * id // shards, N * (id + 1) // shards)."""
-    return num_samples * (shard_id + 1) // num_shards - num_samples * shard_id // num_shards
+    return len(dali_shard_range(num_samples, shard_id, num_shards))
 
 
-def epoch_reader_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] % 2**31)
+def epoch_order(num_samples: int, shard_id: int, num_shards: int, seed: int, epoch: int,
+                shuffle: bool) -> np.ndarray:
+    """int64 [shard size]: the reader positions of shard `shard_id`, in the order an epoch
+    reads them (a permutation drawn from (seed, epoch, shard) when `shuffle`)."""
+    shard = dali_shard_range(num_samples, shard_id, num_shards)
+    positions = np.arange(shard.start, shard.stop, dtype=np.int64)
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch, shard_id, ORDER_STREAM])
+        positions = rng.permutation(positions)
+    return positions
 
 
-def reader_pipeline(shards: ShardSet, batch_size: int, shard_id: int, num_shards: int,
-                    shuffle_buffer: int, seed: int):
-    """Reader-only pipeline: encoded video, nframes, cls, json bytes per sample."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    exts = [";".join(shards.video_exts), "nframes", "cls", "json"]  # "mp4;webm" = either
-
-    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=seed)
-    def read():
-        video, nframes, cls, meta = fn.readers.webdataset(
-            paths=[str(t) for t in shards.tars], index_paths=[str(p) for p in shards.index_paths],
-            ext=exts, dtypes=[types.UINT8] * len(exts),
-            missing_component_behavior="empty", shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer),
-            pad_last_batch=True, stick_to_shard=True, name="reader")
-        return video, nframes, cls, meta
-
-    pipe = read()
-    pipe.build()
-    return pipe
+def read_raw_sample(index: SampleIndex, position: int) -> RawSample | BadSample:
+    """The sample at reader `position`: its video (np.uint8 [bytes]), `.nframes` and `.cls`
+    as stored (absent components empty), or a BadSample when its tar cannot be read."""
+    tar = index.tars[index.tar[position]]
+    key = index.key[position]
+    parts = []
+    try:
+        with open(tar, "rb") as file:
+            for offset, size in zip(index.offset[position].tolist(), index.size[position].tolist()):
+                data = bytearray(max(size, 0))
+                if offset >= 0:
+                    file.seek(offset)
+                    if file.readinto(data) != size:
+                        raise OSError(f"the file ends inside the member at byte {offset}")
+                parts.append(data)
+    except OSError as e:
+        return BadSample(tar.name, key, f"tar read error: {e}")
+    video, nframes, cls = parts
+    return RawSample(tar.name, key, np.frombuffer(video, np.uint8), bytes(nframes), bytes(cls))
 
 
 def _normalized(clip, mirror=None):
@@ -166,31 +188,6 @@ def decode_pipeline(cfg: DataConfig, mode: str, batch_size: int, device_id: int 
     return pipe
 
 
-_SOURCE_INFO = re.compile(r"(?P<path>.*?):(?P<offset>\d+):(?P<member>.*)\Z", re.DOTALL)
-
-
-def _sample_name(outputs, i: int) -> tuple[str, str]:
-    """(tar name, key) of sample i from the source_info ("tar path:offset:member name") of
-    its first present component. The key is the member name up to the first dot of its
-    file name, as webdataset and wds2idx split it: "../x.webm" -> "../x", never ""."""
-    for output in outputs:
-        match = _SOURCE_INFO.match(output[i].source_info())
-        if match:
-            key, _ = split_member_name(match["member"])
-            return match["path"].rsplit("/", 1)[-1], key
-    return "?", "?"
-
-
-def reader_samples(pipe) -> Iterator[RawSample]:
-    """Endless RawSamples from a reader pipeline (DALI pads and wraps at the shard end)."""
-    while True:
-        outputs = pipe.run()
-        video, nframes, cls, _ = outputs
-        for i in range(len(video)):
-            shard, key = _sample_name(outputs, i)
-            yield RawSample(shard, key, np.array(video[i]), np.array(nframes[i]).tobytes(),
-                            np.array(cls[i]).tobytes())
-
 
 def _dali_error_reason(error: Exception) -> str:
     """The operator's message from a DALI pipeline error, on one line."""
@@ -207,60 +204,69 @@ def cuda_device_id(device: torch.device | None) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """A dense DALI TensorList -> torch tensor on `device` (copied)."""
+def _to_torch(tensor_list, device: torch.device, stream=None) -> torch.Tensor:
+    """A dense DALI TensorList -> torch tensor on `device` (copied).
+
+    On a GPU the copy is ordered on `stream`, the stream that will read the batch (the
+    training loop's current stream, captured when iteration starts): the output is allocated
+    on it and `feed_ndarray` makes it wait for DALI's work, then copies on it, so the
+    allocator cannot hand the buffer to the trainer while DALI's stream still writes it."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
     dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-    return feed_ndarray(dense, out)
+    if stream is None or device.type != "cuda":
+        return feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.float32, device=device))
+    with torch.cuda.stream(stream):
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+        return feed_ndarray(dense, out, cuda_stream=stream)
 
 
 class DaliVideoDecoder:
-    """Runs the decoder pipeline on a list of videos; isolates and reports bad ones."""
+    """One decoder pipeline, built on first use and kept: decodes a list of videos for an
+    epoch; isolates and reports bad ones. Not thread-safe: one thread runs it."""
 
     def __init__(self, cfg: DataConfig, mode: str, batch_size: int, device: torch.device | None,
-                 seed: int, epoch: int):
-        self.cfg, self.mode, self.batch_size = cfg, mode, batch_size
-        self.seed, self.epoch = seed, epoch
+                 seed: int):
+        self.cfg, self.mode, self.batch_size, self.seed = cfg, mode, batch_size, seed
         self.device_id = cuda_device_id(device)
         self.device = device if self.device_id is not None else torch.device("cpu")
         self.aug = TrainAugment.from_config(cfg)
-        self.views: dict = {}  # video_index -> TrainView of the batch being decoded
         self.pipe = None
 
-    def __call__(self, items: list[tuple[RawSample, SampleInfo]]) -> list[DecodedVideo | BadSample]:
+    def __call__(self, items: list[tuple[RawSample, SampleInfo]], epoch: int,
+                 stream=None) -> list[DecodedVideo | BadSample]:
+        """`stream`: the consumer's CUDA stream (see `_to_torch`)."""
         if not items:
             return []
         try:
-            clips, shapes = self._run(items)
+            clips, shapes, views = self._run(items, epoch, stream)
         except RuntimeError as e:
             self.pipe = None  # a failed DALI pipeline is no longer valid
             if len(items) == 1:
                 sample = items[0][0]
                 return [BadSample(sample.shard, sample.key, _dali_error_reason(e))]
-            return [result for item in items for result in self(([item]))]
-        return [self._checked(sample, info, clips[i], shapes[i])
+            return [result for item in items for result in self([item], epoch, stream)]
+        return [self._checked(sample, info, clips[i], shapes[i], views[i])
                 for i, (sample, info) in enumerate(items)]
 
-    def _run(self, items: list[tuple[RawSample, SampleInfo]]):
+    def _run(self, items: list[tuple[RawSample, SampleInfo]], epoch: int, stream):
         if self.pipe is None:
             self.pipe = decode_pipeline(self.cfg, self.mode, self.batch_size, self.device_id)
-        self.views = {}
-        feeds = [self._feed(sample, info) for sample, info in items]
+        feeds, views = zip(*(self._feed(sample, info, epoch) for sample, info in items))
         for name in feeds[0]:
             self.pipe.feed_input(name, [f[name] for f in feeds])
         clips, shapes = self.pipe.run()
         shapes = shapes if self.device_id is None else shapes.as_cpu()
         # train [n, num_sample, 3, T, S, S]; eval [n, K, 3, S*T, C, C]
-        clips = _to_torch(clips, self.device)
-        return clips, [np.array(shapes[i]) for i in range(len(items))]
+        clips = _to_torch(clips, self.device, stream)
+        return clips, [np.array(shapes[i]) for i in range(len(items))], views
 
-    def _feed(self, sample: RawSample, info: SampleInfo) -> dict[str, np.ndarray]:
+    def _feed(self, sample: RawSample, info: SampleInfo, epoch: int):
+        """(the pipeline's inputs for one video, its TrainView or None in eval)."""
         cfg = self.cfg
         if self.mode == "train":
-            view = self.views[info.video_index] = train_view(
-                self.seed, self.epoch, info.video_index, info.nframes, info.width, info.height,
-                cfg.num_frames, cfg.sampling_rate, cfg.image_size, cfg.num_sample, self.aug)
+            view = train_view(self.seed, epoch, info.video_index, info.nframes, info.width,
+                              info.height, cfg.num_frames, cfg.sampling_rate, cfg.image_size,
+                              cfg.num_sample, self.aug)
             boxes = np.array([[b.y, b.x, b.y + b.h, b.x + b.w] for b in view.boxes], np.float32)
             feed = {"video": sample.video, "frame_indices": view.frame_indices, "boxes": boxes}
             if self.aug.flip:
@@ -268,16 +274,17 @@ class DaliVideoDecoder:
             if view.rand_augment is not None:
                 feed["rand_augment"] = view.rand_augment
                 feed["frame_hw"] = np.array([info.height, info.width], np.float32)
-            return feed
+            return feed, view
         view = eval_view(info.nframes, info.width, info.height, cfg.num_frames, cfg.sampling_rate,
-                         cfg.test_num_segment, cfg.test_num_crop, cfg.short_side, cfg.image_size)
+                         cfg.test_num_segment, cfg.test_num_crop, cfg.short_side, cfg.image_size,
+                         cfg.test_sampling)
         width, height = view.resized_wh
         return {"video": sample.video, "frame_indices": view.frame_indices,
                 "resized_hw": np.array([height, width], np.float32),
-                "crop_yx": np.array([[b.y, b.x] for b in view.boxes], np.int32)}
+                "crop_yx": np.array([[b.y, b.x] for b in view.boxes], np.int32)}, None
 
     def _checked(self, sample: RawSample, info: SampleInfo, clips: torch.Tensor,
-                 shape: np.ndarray) -> DecodedVideo | BadSample:
+                 shape: np.ndarray, view) -> DecodedVideo | BadSample:
         height, width = int(shape[1]), int(shape[2])
         if (width, height) != (info.width, info.height):
             reason = (f"decoded frames are {width}x{height}; the manifest says "
@@ -288,45 +295,39 @@ class DaliVideoDecoder:
             clips = clips.unflatten(2, (segments, frames))  # [K, 3, S, T, C, C]
             clips = clips.permute(2, 0, 1, 3, 4, 5).flatten(0, 1)  # [S*K, 3, T, C, C]
         else:
-            clips = finish_train_clips(clips, self.views[info.video_index])  # erasing
+            clips = finish_train_clips(clips, view)  # erasing
         return DecodedVideo(clips, info.label, info.video_index)
 
 
-def _in_background(batches: Iterator[dict], depth: int) -> Iterator[dict]:
-    """Produce `batches` in a thread (DALI releases the GIL), `depth` batches ahead."""
-    done = object()
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class DecoderPool:
+    """Decoder pipelines, each with one long-lived thread of its own (DALI releases the GIL).
 
-    def put(item) -> bool:
-        """Queue `item` unless the consumer has gone; False when it has."""
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    `in_order` hands chunk j to pipeline j % count and yields the results in chunk order,
+    keeping `ahead` chunks in flight."""
 
-    def produce() -> None:
+    def __init__(self, decoders: list[DaliVideoDecoder]):
+        self.decoders = decoders
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"dali-decoder-{i}")
+                         for i in range(len(decoders))]
+
+    def in_order(self, job: Callable, chunks: Iterable, ahead: int) -> Iterator:
+        """job(decoder, chunk) for every chunk, run on the decoder's thread, results in order.
+
+        When the consumer stops early, the chunks not yet started are dropped; a running one
+        finishes on its thread before that thread takes the next epoch's first chunk."""
+        pending: collections.deque = collections.deque()
+        chunks = iter(chunks)
         try:
-            for batch in batches:
-                if not put(batch):
+            for j in itertools.count():
+                while len(pending) < ahead and (chunk := next(chunks, None)) is not None:
+                    i = (j + len(pending)) % len(self.decoders)
+                    pending.append(self._threads[i].submit(job, self.decoders[i], chunk))
+                if not pending:
                     return
-            put(done)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            put(e)
-
-    thread = threading.Thread(target=produce, name="dali-loader", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class DaliLoader(EpochPosition):
@@ -340,53 +341,72 @@ class DaliLoader(EpochPosition):
         self.shards, self.cfg, self.mode, self.device = shards, data_cfg, mode, device
         self.videos_per_gpu, self.rank, self.world_size = videos_per_gpu, rank, world_size
         self.seed, self.num_classes = seed, num_classes
-        self.decoder: DaliVideoDecoder | None = None
-        probe = reader_pipeline(shards, 1, 0, 1, 0, 0)
-        self.reader_samples = int(probe.reader_meta("reader")["epoch_size"])
-        del probe
+        self.index = index_samples(shards)  # the reader
+        self.pool = DecoderPool([DaliVideoDecoder(data_cfg, mode, videos_per_gpu, device, seed)
+                                 for _ in range(data_cfg.dali_pipelines)])
         if mode == "train":
             self.steps_per_epoch = train_steps_per_epoch(shards.num_videos, world_size,
                                                          videos_per_gpu)
         else:
-            shares = [dali_shard_size(self.reader_samples, r, world_size)
-                      for r in range(world_size)]
+            shares = [dali_shard_size(len(self.index), r, world_size) for r in range(world_size)]
             self.steps_per_epoch = eval_steps_per_epoch(shares, videos_per_gpu)
         self._bad = BadSampleLog(mode, self.backend)
         self.set_epoch(epoch, start_step)
 
+    @property
+    def decoders(self) -> list[DaliVideoDecoder]:
+        return self.pool.decoders
+
     def __iter__(self) -> Iterator[dict]:
-        return _in_background(self._batches(), PREFETCH_BATCHES)
+        stream = torch.cuda.current_stream(self.device) if self._on_gpu() else None
+        videos = self._decoded_videos(self.epoch_positions(), self.epoch, stream)
+        return batches_from_videos(videos, self._bad, self.videos_per_gpu, len(self),
+                                   view_shape(self.cfg), finite=self.mode == "eval")
+
+    def _on_gpu(self) -> bool:
+        return cuda_device_id(self.device) is not None
 
     def _shard_id(self) -> int:
         return (self.rank + self.epoch) % self.world_size if self.mode == "train" else self.rank
 
-    def _raw_samples(self) -> Iterator[RawSample]:
-        """This epoch's samples for this rank, the first start_step batches skipped undecoded."""
-        shuffle_buffer = self.cfg.shuffle_buffer if self.mode == "train" else 0
-        pipe = reader_pipeline(self.shards, self.videos_per_gpu, self._shard_id(), self.world_size,
-                               shuffle_buffer, epoch_reader_seed(self.seed, self.epoch))
-        samples = reader_samples(pipe)
+    def epoch_positions(self) -> Iterator[int]:
+        """Reader positions of this epoch from start_step on (see the module docstring):
+        train cycles through the epoch's order, eval reads its shard once."""
+        shuffle = self.mode == "train" and self.cfg.shuffle_buffer > 1
+        order = epoch_order(len(self.index), self._shard_id(), self.world_size, self.seed,
+                            self.epoch, shuffle)
         if self.mode == "eval":
-            return itertools.islice(samples, dali_shard_size(self.reader_samples, self.rank,
-                                                             self.world_size))
-        return itertools.islice(samples, self.start_step * self.videos_per_gpu, None)
+            return iter(order.tolist())
+        if not len(order):
+            raise ValueError(f"rank {self.rank}: DALI shard {self._shard_id()} of "
+                             f"{self.world_size} holds none of the {len(self.index)} samples "
+                             f"in {self.shards.root}")
+        return itertools.islice(itertools.cycle(order.tolist()),
+                                self.start_step * self.videos_per_gpu, None)
 
-    def _decoded_videos(self) -> Iterator[DecodedVideo | BadSample]:
-        if self.decoder is None:  # built once: its pipeline holds no per-epoch state
-            self.decoder = DaliVideoDecoder(self.cfg, self.mode, self.videos_per_gpu, self.device,
-                                            self.seed, self.epoch)
-        decoder = self.decoder
-        decoder.epoch = self.epoch
-        samples = self._raw_samples()
-        while chunk := list(itertools.islice(samples, self.videos_per_gpu)):
-            ready = []
-            for sample in chunk:
-                try:
-                    ready.append((sample, sample_info(sample, self.shards, self.num_classes)))
-                except ValueError as e:
-                    yield BadSample(sample.shard, sample.key, str(e))
-            yield from decoder(ready)
+    def _decoded_videos(self, positions: Iterator[int], epoch: int,
+                        stream) -> Iterator[DecodedVideo | BadSample]:
+        """The videos at `positions`, decoded in chunks of videos_per_gpu by the pool."""
+        chunks = iter(lambda: list(itertools.islice(positions, self.videos_per_gpu)), [])
+        ahead = max(self.cfg.dali_pipelines, self.cfg.prefetch_batches)
 
-    def _batches(self) -> Iterator[dict]:
-        return batches_from_videos(self._decoded_videos(), self._bad, self.videos_per_gpu,
-                                   len(self), view_shape(self.cfg), finite=self.mode == "eval")
+        def job(decoder: DaliVideoDecoder, chunk: list[int]) -> list[DecodedVideo | BadSample]:
+            return self._decode_chunk(decoder, chunk, epoch, stream)
+
+        for results in self.pool.in_order(job, chunks, ahead):
+            yield from results
+
+    def _decode_chunk(self, decoder: DaliVideoDecoder, positions: list[int], epoch: int,
+                      stream) -> list[DecodedVideo | BadSample]:
+        """Read, check and decode the samples at `positions` (on the decoder's thread)."""
+        bad, ready = [], []
+        for position in positions:
+            sample = read_raw_sample(self.index, position)
+            if isinstance(sample, BadSample):
+                bad.append(sample)
+                continue
+            try:
+                ready.append((sample, sample_info(sample, self.shards, self.num_classes)))
+            except ValueError as e:
+                bad.append(BadSample(sample.shard, sample.key, str(e)))
+        return bad + decoder(ready, epoch, stream)

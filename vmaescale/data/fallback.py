@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,10 +30,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vmaescale.config import DataConfig
-from vmaescale.data.loader import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample,
-                                   SampleInfo, ShardSet, batches_from_videos, eval_steps_per_epoch,
-                                   sample_info, train_steps_per_epoch, view_shape)
 from vmaescale.data.augment import TrainAugment
+from vmaescale.data.samples import (BadSample, BadSampleLog, DecodedVideo, EpochPosition, RawSample,
+                                    SampleInfo, batches_from_videos, eval_steps_per_epoch,
+                                    sample_info, train_steps_per_epoch, view_shape)
+from vmaescale.data.shardset import ShardSet
 from vmaescale.data.transforms import (crop_resize, eval_view, finish_train_clips, normalize_clip,
                                        resize_frames, train_view)
 from vmaescale.data.video_io import VideoError, decode_frames
@@ -85,7 +87,8 @@ def decode_train_video(video: bytes, info: SampleInfo, cfg: DataConfig, seed: in
 def decode_eval_video(video: bytes, info: SampleInfo, cfg: DataConfig) -> torch.Tensor:
     """One eval video -> segments x crops clips [S * K, 3, T, C, C], view = s * K + k."""
     view = eval_view(info.nframes, info.width, info.height, cfg.num_frames, cfg.sampling_rate,
-                     cfg.test_num_segment, cfg.test_num_crop, cfg.short_side, cfg.image_size)
+                     cfg.test_num_segment, cfg.test_num_crop, cfg.short_side, cfg.image_size,
+                     cfg.test_sampling)
     frames = torch.from_numpy(decode_and_check(video, view.frame_indices, info))  # [S*T, H, W, 3]
     resized = resize_frames(frames, *view.resized_wh)  # [S*T, 3, h, w]
     segments = resized.unflatten(0, (cfg.test_num_segment, cfg.num_frames))  # [S, T, 3, h, w]
@@ -177,7 +180,12 @@ class ShardVideos(IterableDataset):
 
 
 def _one_thread_per_worker(worker_id: int) -> None:
+    """One torch thread per worker; the pre-emption signals (which `scancel --signal` and
+    torchrun send to every process of the job step) are the training process's to handle:
+    a worker that died of them would fail the batch the checkpoint needs."""
     torch.set_num_threads(1)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class FallbackLoader(EpochPosition):
@@ -187,8 +195,10 @@ class FallbackLoader(EpochPosition):
 
     def __init__(self, shards: ShardSet, data_cfg: DataConfig, videos_per_gpu: int, rank: int,
                  world_size: int, mode: str, seed: int, epoch: int, start_step: int,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, device: torch.device | None = None):
         self.shards, self.cfg, self.mode = shards, data_cfg, mode
+        # pinned batches make the trainer's non_blocking copy to the GPU asynchronous
+        self.pin_memory = device is not None and device.type == "cuda" and torch.cuda.is_available()
         self.num_classes = num_classes
         self.videos_per_gpu, self.rank, self.seed = videos_per_gpu, rank, seed
         self.split = rank_split(shards, rank, world_size)
@@ -207,8 +217,11 @@ class FallbackLoader(EpochPosition):
     def __iter__(self) -> Iterator[dict]:
         dataset = ShardVideos(self.shards, self.cfg, self.split, self.mode, self.seed, self.epoch,
                               self.rank, self.start_step * self.videos_per_gpu, self.num_classes)
+        extra = {"prefetch_factor": self.cfg.prefetch_batches} if self.num_workers else {}
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            worker_init_fn=_one_thread_per_worker if self.num_workers else None)
-        videos = iter(loader)
-        yield from batches_from_videos(videos, self._bad, self.videos_per_gpu, len(self),
-                                       view_shape(self.cfg), finite=self.mode == "eval")
+                            worker_init_fn=_one_thread_per_worker if self.num_workers else None,
+                            **extra)
+        batches = batches_from_videos(iter(loader), self._bad, self.videos_per_gpu, len(self),
+                                      view_shape(self.cfg), finite=self.mode == "eval")
+        for batch in batches:
+            yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch

@@ -15,7 +15,7 @@ Train (VideoMAE V2 pretraining):
 Finetuning adds a random resized crop instead, a flip, RandAugment and random erasing per
 clip (`vmaescale.data.augment`), drawn here too.
 
-Eval: `test_num_segment` evenly spaced clips; frames resized so the short side is
+Eval: `test_num_segment` evenly spaced clips (or SSv2-style segment sampling); frames resized so the short side is
 `short_side`; `test_num_crop` square crops of `image_size` (3: start / centre / end of the
 long side, 1: centre).
 """
@@ -101,8 +101,31 @@ def segment_starts(nframes: int, num_frames: int, stride: int, num_segments: int
     return [s * max_start // (num_segments - 1) for s in range(num_segments)]
 
 
-def eval_frame_indices(nframes: int, num_frames: int, stride: int, num_segments: int) -> np.ndarray:
-    """[S * T] frame indices of all eval segments, segment-major."""
+EVAL_SAMPLINGS = ("stride", "segment")
+
+
+def segment_sampled_indices(nframes: int, num_frames: int, num_views: int) -> np.ndarray:
+    """[S * T] indices of SSv2-style segment sampling, view-major.
+
+    The video is cut into `num_frames` equal segments of `tick = nframes / num_frames`
+    frames; view s takes frame int(tick * x + s * tick / S) of segment x. For S = 2 this is
+    the official test sampling (view 0 the segment starts, view 1 their middles)."""
+    tick = nframes / num_frames
+    x = np.arange(num_frames)
+    views = [np.floor(tick * x + s * tick / num_views) for s in range(num_views)]
+    return np.minimum(np.concatenate(views), nframes - 1).astype(np.int32)
+
+
+def eval_frame_indices(nframes: int, num_frames: int, stride: int, num_segments: int,
+                       sampling: str = "stride") -> np.ndarray:
+    """[S * T] frame indices of all eval segments, segment-major.
+
+    sampling "stride": S clips of T frames at `stride`, starts spread over the video;
+    "segment": `segment_sampled_indices` (SSv2-like sets; `stride` unused)."""
+    if sampling == "segment":
+        return segment_sampled_indices(nframes, num_frames, num_segments)
+    if sampling != "stride":
+        raise ValueError(f"sampling={sampling!r}: accepted values are {list(EVAL_SAMPLINGS)}")
     starts = segment_starts(nframes, num_frames, stride, num_segments)
     return np.concatenate([clip_frame_indices(s, nframes, num_frames, stride) for s in starts])
 
@@ -192,11 +215,12 @@ def spatial_crop_boxes(width: int, height: int, crop_size: int, num_crops: int) 
 
 
 def eval_view(nframes: int, width: int, height: int, num_frames: int, stride: int,
-              num_segments: int, num_crops: int, short_side: int, image_size: int) -> EvalView:
+              num_segments: int, num_crops: int, short_side: int, image_size: int,
+              sampling: str = "stride") -> EvalView:
     """Frames of all segments, the short-side resize and the spatial crops for one video."""
     resized_wh = short_side_resize_wh(width, height, short_side)
     boxes = tuple(spatial_crop_boxes(*resized_wh, image_size, num_crops))
-    indices = eval_frame_indices(nframes, num_frames, stride, num_segments)
+    indices = eval_frame_indices(nframes, num_frames, stride, num_segments, sampling)
     return EvalView(indices, resized_wh, boxes)
 
 

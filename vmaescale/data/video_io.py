@@ -243,6 +243,15 @@ def _decode_wanted(stream: av.video.stream.VideoStream, packets: list[av.Packet]
     return found
 
 
+def frame_count(src: VideoSource) -> int:
+    """Frames of the first video stream, counted from its packets (demuxed, not decoded)."""
+    with open_video(src) as reader:
+        count = len(_video_packets(reader.container, reader.stream))
+    if count == 0:
+        raise VideoError("unreadable", "the video stream has no packets")
+    return count
+
+
 def decode_frames(src: VideoSource, indices: Sequence[int]) -> np.ndarray:
     """Decode the frames at `indices` (repeats allowed, any order) -> uint8 [T, H, W, 3].
 

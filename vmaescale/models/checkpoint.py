@@ -55,6 +55,8 @@ def model_meta(model: nn.Module) -> dict:
         meta["num_classes"] = model.num_classes
         if model.class_names:
             meta["class_names"] = list(model.class_names)
+        if model.temporal != "full":
+            meta["temporal"] = model.temporal
     return meta
 
 
@@ -78,7 +80,8 @@ def build_model(meta: dict, **model_kwargs) -> nn.Module:
     if meta["task"] == "pretrain":
         return VideoMAEPretrain(size, decoder_depth=meta["decoder_depth"], **shape, **model_kwargs)
     return VideoClassifier(size, meta["num_classes"], **shape,
-                           class_names=tuple(meta.get("class_names") or ()), **model_kwargs)
+                           class_names=tuple(meta.get("class_names") or ()),
+                           temporal=meta.get("temporal", "full"), **model_kwargs)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:

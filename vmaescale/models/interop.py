@@ -556,6 +556,9 @@ def hf_config(meta: dict, dtype: torch.dtype = torch.float32) -> tuple[dict, lis
     cost is tiny: LayerNorm divides by sqrt(var + eps), so outputs move by about
     (1e-5 - eps) / (2 var) relative (~5e-6 for unit-variance features), not bitwise equal.
     """
+    if meta.get("temporal", "full") != "full":
+        raise ValueError(f"a {meta['temporal']!r} classifier (the control that encodes frames alone) has no "
+                         "transformers equivalent; only temporal='full' models export")
     size = ModelSize.from_dict(meta["size"])
     task = meta["task"]
     config = {

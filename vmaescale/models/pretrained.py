@@ -66,10 +66,11 @@ def _vmaescale_spec(path: Path) -> InitSpec:
     return InitSpec("vmaescale", path, names, meta.get("num_classes"))
 
 
-def resolve_init(path: str | Path, select: str = "final") -> InitSpec:
-    """The init source at `path`, or an error saying what `path` is and what is accepted."""
+def resolve_init(path: str | Path, select: str = "final", what: str = "finetune.init") -> InitSpec:
+    """The init source at `path`, or an error saying what `path` (the value of `what`) is
+    and what is accepted."""
     p = Path(path)
-    where = f"finetune.init={str(path)!r}"
+    where = f"{what}={str(path)!r}"
     if not p.exists():
         raise FileNotFoundError(f"{where}: no such file or directory")
     if p.is_dir():

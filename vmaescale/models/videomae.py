@@ -9,6 +9,12 @@
 Decoded positions: v1 = the encoder-masked tokens; V2 = where the running-cell decoder
 mask is False. The loss counts decoded tokens that are also encoder-masked (SPEC section 3).
 Parameter names match the official checkpoints. Single-device code only.
+
+Host syncs: every sample has the same number of visible and decoded tokens, so the counts
+are known before the masks are drawn (`vmaescale.masking.MaskCounts`). A caller that passes
+them (the training loop) gets a forward that reads no tensor value on the host, and so
+compiles to one graph per mask configuration; without them the counts are read from the
+first row of each mask (one host sync each).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vmaescale.masking import MaskCounts
 from vmaescale.models.sizes import ModelSize
 from vmaescale.models.vit import OptimizerInterface, PatchEmbed, make_blocks, run_blocks, sinusoid_table
 
@@ -24,9 +31,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def true_indices(mask: torch.Tensor) -> torch.Tensor:
-    """Positions of True per row, ascending, as long [B, K]; every row must have K True."""
-    count = int(mask[0].sum())
+def true_indices(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Positions of True per row, ascending, as long [B, K]; every row must have K True.
+
+    `count` = K when the caller knows it; None reads it from row 0 (a host sync)."""
+    if count is None:
+        count = int(mask[0].sum())
     order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)
     return order[:, :count]
 
@@ -121,39 +131,49 @@ class VideoMAEPretrain(OptimizerInterface, nn.Module):
         self.apply(_init_pretrain_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward_encoder(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(video, true_indices(~mask))  # [B, Nv, D]
+    def forward_encoder(self, video: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+        return self.encoder(video, visible_idx)  # [B, Nv, D]
 
-    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor,
-                        decoded: torch.Tensor) -> torch.Tensor:
-        """latent [B, Nv, D] -> predictions [B, Nd, 3*tubelet*p*p] at the `decoded` positions."""
+    def forward_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The encoder over every token, final norm included: [B, N, D] (HF's
+        last_hidden_state of a pretraining checkpoint's VideoModel)."""
+        every = torch.arange(self.num_tokens, device=video.device).expand(video.shape[0], -1)
+        return self.forward_encoder(video, every)
+
+    def forward_decoder(self, latent: torch.Tensor, visible_idx: torch.Tensor,
+                        decoded_idx: torch.Tensor) -> torch.Tensor:
+        """latent [B, Nv, D] -> predictions [B, Nd, 3*tubelet*p*p] at the decoded positions."""
         x = self.encoder_to_decoder(latent)  # [B, Nv, Dd]
         pos = self.decoder_pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
-        x_vis = x + gather_tokens(pos, true_indices(~mask))
-        dec_pos = gather_tokens(pos, true_indices(decoded))  # [B, Nd, Dd]
+        x_vis = x + gather_tokens(pos, visible_idx)
+        dec_pos = gather_tokens(pos, decoded_idx)  # [B, Nd, Dd]
         x_full = torch.cat([x_vis, self.mask_token.to(x.dtype) + dec_pos], dim=1)
         return self.decoder(x_full, dec_pos.shape[1])
 
     def forward_loss(self, video: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                     decoded: torch.Tensor) -> torch.Tensor:
+                     decoded_idx: torch.Tensor) -> torch.Tensor:
         """MSE per token over the decoded tokens that the encoder did not see."""
         target = reconstruction_target(video, self.size.patch_size, self.size.tubelet_size)
-        idx = true_indices(decoded)
+        idx = decoded_idx
         target = gather_tokens(target, idx)  # [B, Nd, P*C]
         weight = torch.gather(mask, 1, idx).float()  # [B, Nd], encoder-masked & decoded
         per_token = F.mse_loss(pred.float(), target, reduction="none").mean(dim=-1)
         return (per_token * weight).sum() / weight.sum()
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor,
-                decoder_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """video [B, 3, T, H, W]; mask / decoder_mask bool [B, N], True = masked.
+                decoder_mask: torch.Tensor | None = None,
+                counts: MaskCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """video [B, 3, T, H, W]; mask / decoder_mask bool [B, N], True = masked; `counts`:
+        visible and decoded tokens per sample (None: read from the masks, a host sync).
 
         Returns (loss, pred [B, Nd, 3*tubelet*p*p]).
         """
         decoded = decoded_positions(mask, decoder_mask)
-        latent = self.forward_encoder(video, mask)
-        pred = self.forward_decoder(latent, mask, decoded)
-        return self.forward_loss(video, pred, mask, decoded), pred
+        visible_idx = true_indices(~mask, None if counts is None else counts.visible)  # [B, Nv]
+        decoded_idx = true_indices(decoded, None if counts is None else counts.decoded)  # [B, Nd]
+        latent = self.forward_encoder(video, visible_idx)
+        pred = self.forward_decoder(latent, visible_idx, decoded_idx)
+        return self.forward_loss(video, pred, mask, decoded_idx), pred
 
 
 def decoded_positions(mask: torch.Tensor, decoder_mask: torch.Tensor | None) -> torch.Tensor:

@@ -132,6 +132,16 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> 
     return x
 
 
+def compile_blocks(model: nn.Module, **options) -> int:
+    """Regional compilation: torch.compile (with `options`) every transformer Block of `model`
+    in place (`nn.Module.compile`); blocks of one shape share the compiled code. Returns the
+    number of blocks compiled."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
 class OptimizerInterface:
     """What training code needs from a model, so that it never spells a parameter name.
 

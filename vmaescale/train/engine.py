@@ -10,10 +10,12 @@ import copy
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch import nn
 
+from vmaescale.cluster import Peers, apply_launch_env
 from vmaescale.config import RunConfig
 from vmaescale.train.optim import WarmupCosineSchedule, param_groups
 
@@ -34,30 +36,53 @@ def silence_library_deprecations() -> None:
 
 
 def dist_env() -> DistEnv:
-    """Rank / local rank / world size from torchrun or deepspeed, else Slurm, else 1 process."""
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    return DistEnv(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    """Rank / local rank / world size from torchrun, deepspeed or accelerate, else an srun task's
+    SLURM_* variables, else 1 process; MASTER_ADDR / MASTER_PORT derived alike
+    (`vmaescale.cluster.launch_env`) and written to os.environ for the process group."""
+    env = apply_launch_env(os.environ)
+    return DistEnv(env.rank, env.local_rank, env.world_size)
 
 
-def init_distributed(env: DistEnv) -> torch.device:
-    """Start the process group (nccl on GPU, gloo/ccl on CPU) and return this rank's device."""
+_PEERS: Peers | None = None
+
+
+def peers() -> Peers | None:
+    """Host and pid of every rank of this process group (None before `init_distributed`)."""
+    return _PEERS
+
+
+def use_group_timeout(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group, not only the world's: DeepSpeed builds
+    its ZeRO groups with `new_group(ranks)` and no timeout, which would fall back to torch's
+    default (30 min for gloo) and leave a rank waiting that long on a hung peer."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def init_distributed(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
+    """Start the process group (nccl on GPU, gloo/ccl on CPU) and return this rank's device.
+
+    A collective that waits `timeout_s` on a dead or hung rank fails (gloo raises; NCCL's
+    watchdog aborts the process: TORCH_NCCL_ASYNC_ERROR_HANDLING=1 unless set)."""
+    global _PEERS
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(os.environ.get("VMAESCALE_DS_LOG_LEVEL", "WARNING"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     accel = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    use_group_timeout(timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    _PEERS = Peers(torch.distributed.distributed_c10d._get_default_store(), env.rank,
+                   env.world_size, timeout_s)
     if accel.device_name() == "cuda":
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        index = env.local_rank % torch.cuda.device_count()  # srun --gpus-per-task: one visible GPU
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -138,6 +163,17 @@ def build_engine(model: nn.Module, cfg: RunConfig, ds_config: dict, schedule_arg
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: WarmupCosineSchedule(opt, **schedule_args))
-    if cfg.model.compile:
-        engine.compile()
+    apply_compile(engine, cfg)
     return engine, optimizer, scheduler
+
+
+def apply_compile(engine, cfg: RunConfig) -> None:
+    """model.compile: the whole module through DeepSpeed's engine.compile(), or (compile_scope
+    'blocks') each transformer block on its own, after DeepSpeed has installed its hooks."""
+    if not cfg.model.compile:
+        return
+    if cfg.model.compile_scope == "model":
+        engine.compile()
+    else:
+        from vmaescale.models.vit import compile_blocks
+        compile_blocks(engine.module)

@@ -3,15 +3,25 @@
     launch/pretrain.py       -> main(argv, stage="pretrain")
     launch/finetune.py       -> main(argv, stage="finetune")
     launch/post_pretrain.py  -> main(argv, stage="post-pretrain")   (the finetune task on a hybrid set)
+
+Exit status, the same on every rank: 0 completed (or paused by train.run_steps); 75
+(`vmaescale.cluster.EXIT_REQUEUE`) checkpointed on SIGTERM / SIGUSR1 or the time budget, run
+it again to resume (launch/slurm/*.sbatch requeue on it); 1 a collective failed because a rank
+died or hangs (the message names it); 2 a user error (bad config, busy run directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from vmaescale.cli import ArgumentParser, add_debug_flag, debug_wanted, report_user_errors
+from vmaescale.cluster import (EXIT_REQUEUE, is_collective_failure, single_process_accelerate_note,
+                               write_status_file)
 from vmaescale.config import ConfigError, load_config
 
+EXIT_PEER_FAILED = 1
 TASK_OF_STAGE = {"pretrain": "pretrain", "finetune": "finetune", "post-pretrain": "finetune"}
 
 
@@ -37,6 +47,9 @@ def checked_config(args: argparse.Namespace, stage: str):
     if task == "finetune":
         from vmaescale.train.tasks.classify import check_finetune_config
         check_finetune_config(cfg)
+    elif cfg.model.temporal != "full":
+        raise ConfigError(f"model.temporal: {cfg.model.temporal!r} is a classifier control; pretraining "
+                          "accepts only 'full'")
     return cfg
 
 
@@ -57,15 +70,49 @@ def run(args: argparse.Namespace, stage: str) -> int:
     from vmaescale.train.trainer import Trainer, print_summary
 
     silence_library_deprecations()
-    trainer = Trainer(cfg, allow_config_change=args.allow_config_change)
-    summary = trainer.train()
+    warn_single_process_accelerate()
+    try:
+        trainer = Trainer(cfg, allow_config_change=args.allow_config_change)
+        summary = trainer.train()
+    except RuntimeError as err:
+        return report_peer_failure(launcher_name(stage), err)
+    code = exit_code(summary["status"])
     if trainer.rank == 0:
         print_summary(summary)
-        print_where_things_are(summary, cfg)
-    return 0
+        print_where_things_are(summary, cfg, trainer.stop.reason)
+        write_status_file(summary["status"], code)
+    return code
 
 
-def print_where_things_are(summary: dict, cfg) -> None:
+def exit_code(status: str) -> int:
+    """0 when the run completed or paused (train.run_steps); EXIT_REQUEUE (75) when it
+    checkpointed on a signal or the time budget: the batch scripts requeue on 75."""
+    return EXIT_REQUEUE if status == "preempted" else 0
+
+
+def warn_single_process_accelerate() -> None:
+    import torch
+
+    note = single_process_accelerate_note(os.environ, torch.cuda.device_count())
+    if note:
+        print(note, file=sys.stderr, flush=True)
+
+
+def report_peer_failure(prog: str, err: RuntimeError) -> int:
+    """A collective failed because a rank died or hangs: name the silent ranks and hosts in one
+    line and exit 1 (the relaunch resumes); any other RuntimeError propagates."""
+    from vmaescale.train.engine import peers
+
+    group = peers()
+    if group is None or group.world < 2 or not is_collective_failure(err):
+        raise err
+    print(f"{prog}: error: {group.describe_failure(err)}", file=sys.stderr, flush=True)
+    if group.rank == 0:
+        write_status_file("failed", EXIT_PEER_FAILED)
+    return EXIT_PEER_FAILED
+
+
+def print_where_things_are(summary: dict, cfg, stop_reason: str = "") -> None:
     print(f"\ncheckpoint      {summary['checkpoint']}")
     if summary.get("final"):
         print(f"final weights   {summary['final']}  (vmaescale export-hf {summary['final']} OUT_DIR)")
@@ -76,6 +123,7 @@ def print_where_things_are(summary: dict, cfg) -> None:
         print(f"mlflow run      {summary['mlflow_run_id']} in experiment '{cfg.tracking.experiment}'")
         print(f"open the UI     mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     if summary["status"] == "preempted":
-        print("stopped by a signal after checkpointing: run the same command again to resume")
+        print(f"stopped by {stop_reason or 'a signal'} after checkpointing (exit status {EXIT_REQUEUE}): "
+              f"run the same command again to resume")
     if summary["status"] == "paused":
         print(f"stopped after train.run_steps at step {summary['step']}: run the same command again to resume")

@@ -26,8 +26,12 @@ LOCK_FILE = ".lock"
 RESUME_HARMLESS = ("name", "output_dir", "tracking.", "train.max_steps", "train.log_every",
                    "train.checkpoint_every", "train.keep_checkpoints", "train.recon_every",
                    "train.run_steps", "train.max_bad_steps",
-                   "train.peak_tflops", "data.num_workers", "data.bad_shards",
-                   "finetune.eval_every_epochs")
+                   "train.peak_tflops", "train.time_limit_s", "train.end_margin_s",
+                   "train.dist_timeout_s", "data.num_workers", "data.bad_shards",
+                   "finetune.eval_every_epochs", "finetune.test_at_end", "finetune.test_shards",
+                   "finetune.test_flip", "data.test_num_segment", "data.test_num_crop",
+                   "data.test_sampling", "train.check_every", "data.prefetch_batches",
+                   "data.dali_pipelines", "model.compile_scope")
 
 
 class RunDirError(ValueError):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 import resource
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from vmaescale import __version__
+from vmaescale.cluster import stop_deadline
 from vmaescale.config import RunConfig
 from vmaescale.models.flops import mfu, peak_tflops
 from vmaescale.train import checkpoint as ckpt
@@ -29,48 +32,31 @@ from vmaescale.train.engine import (build_engine, deepspeed_config, dist_env, in
                                     resolve_precision)
 from vmaescale.train.optim import scaled_lr
 from vmaescale.train.rundir import RunDirError, RunLock, check_resume_config, describe
+from vmaescale.train.step_checks import NonFiniteLossError, StepChecks  # noqa: F401 (re-export)
 from vmaescale.train.tasks import RunContext, make_task
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after `train.max_bad_steps` non-finite losses (or skipped steps) in a row."""
-
-
-class BadInARow:
-    """Counts one kind of bad event in a row; the `limit`-th in a row stops the run.
-
-    Two kinds: a non-finite loss (the micro batch is skipped on every rank) and a finite loss
-    whose gradients are not (DeepSpeed's overflow check skips the optimizer step; a NaN pixel
-    in a token the encoder never sees does this through the patch embedding's gradient).
-    Either, repeated, means the run is no longer training.
-    """
-
-    def __init__(self, kind: str, action: str, limit: int):
-        self.kind, self.action, self.limit, self.count = kind, action, limit, 0
-
-    def add(self, step: int) -> str:
-        """Count one; return the line to log, or raise at the limit."""
-        self.count += 1
-        if self.count >= self.limit:
-            raise NonFiniteLossError(
-                f"{self.count} {self.kind} in a row at step {step} (train.max_bad_steps="
-                f"{self.limit}); stopping. Check the data for NaN/Inf pixels, lower optim.base_lr "
-                f"or set optim.clip_grad, then resume from the last checkpoint.")
-        return f"step {step}: {self.action} ({self.count} in a row, limit {self.limit})"
-
-    def reset(self) -> None:
-        self.count = 0
-
-
 class StopFlag:
-    """SIGTERM / SIGUSR1 set the flag; the loop checkpoints and exits at the next step."""
+    """SIGTERM / SIGUSR1 set the flag, and so does the deadline (the time budget,
+    `vmaescale.cluster.stop_deadline`) when it passes; the loop checkpoints and exits at the next
+    step. `reason` says which, for the summary."""
 
-    def __init__(self):
+    def __init__(self, deadline: float | None = None):
         self.raised = False
+        self.reason = ""
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        if deadline is not None:
+            timer = threading.Timer(max(0.0, deadline - time.time()), self._expire)
+            timer.daemon = True
+            timer.start()
 
     def _handle(self, signum, frame) -> None:
+        self.reason = self.reason or f"signal {signal.Signals(signum).name}"
+        self.raised = True
+
+    def _expire(self) -> None:
+        self.reason = self.reason or "time budget (train.time_limit_s / train.end_margin_s)"
         self.raised = True
 
 
@@ -86,10 +72,12 @@ class Trainer:
         self.lock = RunLock(self.out) if self.rank == 0 else None
         self.config_changes = self._check_resume_config(allow_config_change)
         self._refuse_bad_shards()
-        self.device = init_distributed(self.env)
+        self.device = init_distributed(self.env, cfg.train.dist_timeout_s)
         self.precision = resolve_precision(cfg, self.device)
         torch.manual_seed(cfg.train.seed + self.rank)
-        self.stop = StopFlag()
+        self.stop = StopFlag(stop_deadline(cfg.train.time_limit_s,
+                                           cfg.train.end_margin_s if self.rank == 0 else 0.0,
+                                           time.time(), os.environ))
         self.first_loss: tuple[int, float] | None = None  # (step, loss) of this run's first log
         self.last_metrics: dict = {}
         self.last_eval = None  # the last EvalResult
@@ -125,6 +113,7 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg, self.ds_config,
                                                                    schedule)
         self.task.attach_engine(self.engine)
+        self._refuse_unguarded_optimizer()
         if resume:
             self._load_or_fall_back(resume, candidates)
         self.train_flops_per_clip = self.task.train_flops_per_clip()
@@ -134,6 +123,15 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
+
+    def _refuse_unguarded_optimizer(self) -> None:
+        """Non-finite losses are skipped by DeepSpeed's overflow check (see step_checks); a
+        plain fp32 optimizer without ZeRO has none, so NaN would be trained on."""
+        if not hasattr(self.engine.optimizer, "overflow"):
+            raise ValueError(f"train.zero_stage={self.cfg.train.zero_stage} with precision "
+                             f"{self.precision!r}: DeepSpeed has no overflow check there, so a "
+                             "non-finite loss would be trained on; use train.zero_stage 1, 2 or 3, "
+                             "or train.precision='bf16'")
 
     def _updates_per_epoch(self, loader) -> int:
         micro = self.cfg.train.steps_per_epoch or loader.steps_per_epoch
@@ -248,9 +246,11 @@ class Trainer:
         from vmaescale.tracking import Tracker
         tags = {"world_size": str(self.world), "device": self._device_name(),
                 "precision": self.precision, "vmaescale_version": __version__,
-                "zero_stage": str(self.cfg.train.zero_stage), "task": self.cfg.task}
+                "zero_stage": str(self.cfg.train.zero_stage), "task": self.cfg.task,
+                **self.cfg.tracking.tags}
         tracker = Tracker(self.cfg.tracking, self.rank, self.out, self.cfg.to_dict(),
-                          run_id=self.run_state["mlflow_run_id"], tags=tags)
+                          run_id=self.run_state["mlflow_run_id"], tags=tags,
+                          parent_run_id=self.cfg.tracking.parent_run_id or None)
         self.run_state["mlflow_run_id"] = tracker.run_id
         if self.config_changes and any(self.config_changes.values()):
             tracker.set_tags({f"resume_config_{kind}": describe(changes)[:4000]
@@ -258,25 +258,37 @@ class Trainer:
         return tracker
 
     # ---- one step -----------------------------------------------------------------------
-    def forward_backward(self, batch: dict) -> torch.Tensor | None:
-        """One micro step; returns the detached loss, or None when it was non-finite."""
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """One micro step with no host sync; returns the detached loss. A non-finite loss goes
+        through backward too: DeepSpeed's overflow check skips its optimizer step (step_checks)."""
         loss = self.task.loss(self.engine, batch, self.run_state)
-        if not self._all_finite(loss):
-            return None
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite on every rank (so all ranks skip together)."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0
+    def _check(self, checks: StepChecks, window: "Window | None" = None):
+        """The loop's one sync (see step_checks); at a log point it carries the window's sums."""
+        extra = [] if window is None else [*window.sums(self._bad_samples_so_far()),
+                                           self._grad_norm_share()]
+        result = checks.check(self.stop.raised, self.run_state["step"], extra)
+        if result.nonfinite:
+            self.run_state["nonfinite_skipped"] += result.nonfinite
+            self.log(f"step {self.run_state['step']}: {result.nonfinite} non-finite loss(es) since the "
+                     f"last check; DeepSpeed skipped their optimizer steps (limit "
+                     f"{self.cfg.train.max_bad_steps} in a row)")
+        if result.error is not None:
+            raise result.error
+        return result
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.raised else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def _grad_norm_share(self) -> torch.Tensor:
+        """DeepSpeed's global grad norm (a device tensor, equal on every rank) / world size, so
+        that the check's sum over ranks gives it back without a read of its own; NaN if none."""
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float64)
+        return norm.to(self.device, torch.float64) / self.world
+
+    def _bad_samples_so_far(self) -> int:
+        return getattr(self.loader, "bad_samples", 0) + self.run_state["bad_samples"]
 
     def _next_batch(self, it):
         """The next batch, moving to the next epoch when the loader runs out."""
@@ -297,10 +309,8 @@ class Trainer:
     def train(self) -> dict:
         cfg, rs = self.cfg, self.run_state
         accum = cfg.train.grad_accum
-        window = Window()
-        bad_losses = BadInARow("non-finite losses", "non-finite loss, micro batch skipped", cfg.train.max_bad_steps)
-        skipped = BadInARow("optimizer steps skipped by DeepSpeed (non-finite gradients)",
-                            "DeepSpeed skipped the optimizer step", cfg.train.max_bad_steps)
+        window = Window(self.device)
+        checks = StepChecks(self.device, cfg.train.max_bad_steps, cfg.train.check_every)
         progress = self._progress()
         it = iter(self.loader)
         t_start = time.time()
@@ -308,42 +318,35 @@ class Trainer:
         status = "completed"
         stop_step = min(self.total_steps, start_step + cfg.train.run_steps) if cfg.train.run_steps else self.total_steps
         while rs["step"] < stop_step:
-            if self._stop_requested():
-                status = "preempted"
-                break
             t0 = time.perf_counter()
             skipped_before = self.engine.skipped_steps
-            # A skipped micro batch is replaced by the next one: every optimizer step averages
-            # `accum` good micro batches and DeepSpeed's accumulation boundary stays ours.
-            good = 0
-            while good < accum:
+            for _ in range(accum):
                 t_data = time.perf_counter()
                 batch, it = self._next_batch(it)
                 window.data_s += time.perf_counter() - t_data
                 rs["micro_step_in_epoch"] += 1
                 loss = self.forward_backward(batch)
-                if loss is None:
-                    rs["nonfinite_skipped"] += 1
-                    self.log(bad_losses.add(rs["step"]))
-                    continue
-                bad_losses.reset()
-                good += 1
-                window.add_loss(loss)
+                window.add_loss(loss, checks.add_loss(loss))
                 window.clips += batch["video"].shape[0]
-            if self.engine.skipped_steps > skipped_before:  # finite loss, non-finite gradients
-                self.log(skipped.add(rs["step"]))
-            else:
-                skipped.reset()
+            checks.add_step(self.engine.skipped_steps > skipped_before)
             self.task.after_optimizer_step(self.engine)
             rs["step"] += 1
             window.step_s += time.perf_counter() - t0
             progress.update(1)
-            if rs["step"] % cfg.train.log_every == 0 or rs["step"] == self.total_steps:
-                self._log_window(window, progress)
-                window = Window()
-            if rs["step"] < self.total_steps and self.task.evaluation_due(rs["step"], self.steps_per_epoch):
+            log_due = rs["step"] % cfg.train.log_every == 0 or rs["step"] == self.total_steps
+            eval_due = rs["step"] < self.total_steps and self.task.evaluation_due(rs["step"], self.steps_per_epoch)
+            save_due = rs["step"] % cfg.train.checkpoint_every == 0 and rs["step"] < self.total_steps
+            if log_due or eval_due or save_due or rs["step"] == stop_step or checks.due(rs["step"]):
+                result = self._check(checks, window if log_due else None)
+                if log_due:
+                    self._log_window(window, result.extra, progress)
+                    window = Window(self.device)
+                if result.stop:
+                    status = "preempted"
+                    break
+            if eval_due:
                 self.evaluate()
-            if rs["step"] % cfg.train.checkpoint_every == 0 and rs["step"] < self.total_steps:
+            if save_due:
                 self.save()
         progress.close()
         if status == "completed" and rs["step"] < self.total_steps:
@@ -351,11 +354,13 @@ class Trainer:
         if status == "completed":
             self.evaluate(save=False)
         self.save()
+        after = {}
         if status == "completed":
             self.write_final()
             if self.improved:
                 self.write_best()
-        summary = self._summary(status, rs["step"] - start_step, time.time() - t_start)
+            after = self.task.after_training()
+        summary = self._summary(status, rs["step"] - start_step, time.time() - t_start) | after
         self.tracker.log_dict(summary, "summary.json")
         self.tracker.finish({"completed": "FINISHED", "paused": "FINISHED"}.get(status, "KILLED"))
         if self.lock is not None:
@@ -367,26 +372,23 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.run_state["step"], desc=self.cfg.task,
                     unit="step", disable=self.rank != 0, dynamic_ncols=True, file=sys.stdout)
 
-    def _log_window(self, window: "Window", progress) -> None:
-        """All-reduce the window's loss and counters, then rank 0 logs them."""
-        stats = torch.tensor([window.loss_sum_value(), float(window.losses),
-                              float(getattr(self.loader, "bad_samples", 0) + self.run_state["bad_samples"])],
-                             dtype=torch.float64, device=self.device)
-        dist.all_reduce(stats)
-        loss = stats[0].item() / max(1.0, stats[1].item())
+    def _log_window(self, window: "Window", sums: list[float], progress) -> None:
+        """Log the window; `sums` = its (loss sum, finite losses, bad samples, grad norm) over
+        all ranks, all-reduced by the check that preceded this."""
+        loss_sum, losses, bad_samples, grad_norm = sums
+        loss = loss_sum / losses if losses else float("nan")
         clips_per_s = window.clips * self.world / max(window.step_s, 1e-9)
         per_device = clips_per_s / self.world
-        grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "loss": loss,
             "lr": self.scheduler.lr(),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "skipped_steps": float(self.engine.skipped_steps + self.run_state["nonfinite_skipped"]),
+            "grad_norm": grad_norm,
+            "skipped_steps": float(self.engine.skipped_steps),  # non-finite losses skip steps too
             "clips_per_s": clips_per_s,
             "clips_per_s_per_device": per_device,
             "data_wait_frac": window.data_s / max(window.step_s, 1e-9),
             "peak_mem_gb": peak_memory_gb(self.device),
-            "bad_samples": stats[2].item(),
+            "bad_samples": bad_samples,
             "epoch": float(self.run_state["epoch"]),
         }
         utilization = self.model_flops_utilization(per_device)
@@ -487,21 +489,23 @@ class Trainer:
 
 
 class Window:
-    """Accumulators between two log points (losses stay on device until logged)."""
+    """Accumulators between two log points (losses stay on device until the check sums them)."""
 
-    def __init__(self):
-        self.loss_sum: torch.Tensor | None = None
-        self.losses = 0
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.losses = torch.zeros((), dtype=torch.float64, device=device)  # finite ones
         self.clips = 0
         self.step_s = 0.0
         self.data_s = 0.0
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self.loss_sum = loss.float() if self.loss_sum is None else self.loss_sum + loss.float()
-        self.losses += 1
+    def add_loss(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        """`finite`: 1.0 or 0.0 on the device; a non-finite loss adds nothing to the mean."""
+        self.loss_sum = self.loss_sum + torch.where(finite > 0, loss.double(), 0.0)
+        self.losses = self.losses + finite.double()
 
-    def loss_sum_value(self) -> float:
-        return 0.0 if self.loss_sum is None else float(self.loss_sum.item())
+    def sums(self, bad_samples: int) -> list[torch.Tensor]:
+        """What a log point all-reduces (summed over ranks): loss sum, losses, bad samples."""
+        return [self.loss_sum, self.losses, torch.tensor(float(bad_samples), dtype=torch.float64)]
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -15,6 +15,7 @@ checkpoints or the loop:
     state_dict() / load_state_dict()    this rank's state for exact resume (e.g. mask RNG)
     shared_state() / load_shared_state(tag_dir)   state equal on every rank (the EMA)
     write_model_dir(state_dict, out, tag_dir)     final/ and best/
+    after_training()                    after final/: e.g. the multi-view test of best/
 
 Post-pretraining is the classification task with another config and an init.
 """
@@ -31,7 +32,12 @@ from vmaescale.config import RunConfig
 
 @dataclass(frozen=True)
 class RunContext:
-    """Where a task runs: its config, rank, world size, device, precision, output dir."""
+    """Where a task runs: its config, rank, world size, device, precision, output dir.
+
+    Precision is applied in one place, DeepSpeed's bf16 section (parameters held in bf16,
+    fp32 master weights): training, validation and reconstruction forwards all run the
+    module as it is, with no torch.autocast (DeepSpeed 0.19.8's engine.forward disables an
+    outer autocast anyway, so one around a training forward would do nothing)."""
 
     cfg: RunConfig
     rank: int
@@ -39,9 +45,6 @@ class RunContext:
     device: torch.device
     precision: str
     out: Path
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
 @dataclass
@@ -84,6 +87,11 @@ class Task:
 
     def load_shared_state(self, tag_dir: Path) -> None:
         pass
+
+    def after_training(self) -> dict:
+        """Every rank, once final/ (and best/) are written: e.g. the classifier's multi-view
+        test. Returns what the run summary adds."""
+        return {}
 
 
 def make_task(ctx: RunContext) -> Task:

@@ -92,7 +92,7 @@ class ClassifyTask(Task):
         return VideoClassifier(get_size(cfg.model.size), self.labels.num_classes, cfg.data.num_frames,
                                cfg.data.image_size, cfg.model.drop_path, cfg.finetune.head_dropout,
                                cfg.finetune.init_scale, cfg.model.checkpoint_activations,
-                               class_names=self.labels.names)
+                               class_names=self.labels.names, temporal=cfg.model.temporal)
 
     def setup(self, model, resuming: bool) -> None:
         super().setup(model, resuming)
@@ -131,8 +131,7 @@ class ClassifyTask(Task):
         rng = np.random.default_rng([self.cfg.train.seed, self.ctx.rank, run_state["epoch"],
                                      run_state["micro_step_in_epoch"]])  # exact on resume
         video, targets = self.mixup(video, labels, rng)
-        with self.ctx.autocast():
-            logits = engine(video)
+        logits = engine(video)  # bf16 or fp32 as the parameters are (train.precision)
         return soft_target_cross_entropy(logits, targets)
 
     def after_optimizer_step(self, engine) -> None:
@@ -141,7 +140,10 @@ class ClassifyTask(Task):
 
     def train_flops_per_clip(self) -> float:
         cfg = self.cfg
-        return clip_macs(self.model.size, cfg.data.num_frames, cfg.data.image_size, "none", 0.0,
+        frames = cfg.data.num_frames
+        if cfg.model.temporal == "frame_average":  # every frame fills a tubelet of its own
+            frames *= self.model.size.tubelet_size
+        return clip_macs(self.model.size, frames, cfg.data.image_size, "none", 0.0,
                          "none", 0.0, 0, self.labels.num_classes).training_flops
 
     # ---- the EMA in checkpoints ---------------------------------------------------------
@@ -175,16 +177,12 @@ class ClassifyTask(Task):
 
     def val_loader(self):
         cfg = self.cfg
-        if cfg.data.backend == "synthetic":
-            from vmaescale.data.memory import InMemoryClips
-            return InMemoryClips(cfg.train.videos_per_gpu, cfg.data.num_frames, cfg.data.image_size,
-                                 SYNTHETIC_VAL_BATCHES, seed=12345, rank=self.ctx.rank, device=self.ctx.device,
-                                 num_classes=self.labels.num_classes)
         from vmaescale.data.loader import build_loader
         data = dataclasses.replace(cfg.data, shards=cfg.data.val_shards or cfg.data.shards,
                                    test_num_segment=1, test_num_crop=1, short_side=cfg.data.image_size)
         return build_loader(data, cfg.train.videos_per_gpu, self.ctx.rank, self.ctx.world, mode="eval",
-                            seed=cfg.train.seed, device=self.ctx.device, num_classes=self.labels.num_classes)
+                            seed=cfg.train.seed, device=self.ctx.device, num_classes=self.labels.num_classes,
+                            steps_per_epoch=SYNTHETIC_VAL_BATCHES)
 
     def evaluate(self, step: int) -> EvalResult:
         metrics = self.validate("val")
@@ -211,8 +209,7 @@ class ClassifyTask(Task):
             if video.shape[0] == 0:  # this rank's share ran out: keep the collective schedule
                 video = torch.zeros((1, *video.shape[1:]), device=self.ctx.device)
                 labels = None
-            with self.ctx.autocast():
-                logits = model(video).float()
+            logits = model(video).float()  # the training forward's precision: no autocast
             if labels is None:
                 continue
             top = logits.topk(k, dim=-1).indices
@@ -227,6 +224,36 @@ class ClassifyTask(Task):
         return {f"{prefix}_loss": sums[0].item() / n, f"{prefix}_top1": 100 * sums[2].item() / n,
                 f"{prefix}_top5": 100 * sums[3].item() / n, f"{prefix}_videos": sums[1].item(),
                 f"{prefix}_failed": sums[4].item()}
+
+    # ---- the multi-view test at the end -------------------------------------------------
+    def after_training(self) -> dict:
+        """The multi-view test of best/ (else final/) on finetune.test_shards (else the
+        validation shards): data.test_num_segment x data.test_num_crop views (+ flips),
+        written to <output_dir>/eval/<shard dir name> and logged to this run as test_*."""
+        cfg = self.cfg
+        if not cfg.finetune.test_at_end or cfg.data.backend == "synthetic":
+            return {}
+        from vmaescale.eval import multiview
+        from vmaescale.eval.source import weights_of_run
+        from vmaescale.models.checkpoint import load_model_dir
+
+        shards = cfg.finetune.test_shards or cfg.data.val_shards or cfg.data.shards
+        views = multiview.Views(cfg.data.test_num_segment, cfg.data.test_num_crop, cfg.data.test_sampling,
+                                cfg.finetune.test_flip)
+        weights = weights_of_run(self.ctx.out, "auto")
+        model = load_model_dir(weights).to(self.ctx.device)
+        data = multiview.eval_data_config(cfg.data, shards, views, cfg.data.num_frames, cfg.data.image_size)
+        if self.ctx.rank == 0:
+            print(f"multi-view test of {weights} on {shards}: {views.describe()}", flush=True)
+        out = multiview.evaluate_model(model, data, views, self.ctx.rank, self.ctx.world, self.ctx.device)
+        if out is None:  # not rank 0
+            return {}
+        out_dir = self.ctx.out / "eval" / Path(shards.rstrip("/")).name
+        summary = multiview.write_outputs(out, out_dir, f"vmaescale {weights}", shards)
+        multiview.log_to_mlflow(self.tracker, out, summary, out_dir, "test")
+        multiview.print_report(summary, out)
+        return {"test_top1": summary["top1"], "test_top5": summary["top5"],
+                "test_mean_class_accuracy": summary["mean_class_accuracy"], "test": str(out_dir)}
 
     # ---- final/ and best/ ---------------------------------------------------------------
     def write_model_dir(self, state: dict, out: Path, tag_dir: Path) -> None:

@@ -21,30 +21,20 @@ RECON_MASK_SEED = 4321
 def train_loader(cfg, rank: int, world_size: int, epoch: int, start_step: int,
                  device: torch.device, num_classes: int | None = None):
     """The configured loader for one epoch, starting at micro step `start_step`."""
-    if cfg.data.backend == "synthetic":
-        from vmaescale.data.memory import InMemoryClips
-        steps = cfg.train.steps_per_epoch or 100
-        return InMemoryClips(cfg.train.videos_per_gpu * cfg.data.num_sample, cfg.data.num_frames,
-                             cfg.data.image_size, steps, cfg.train.seed, rank, device,
-                             start_step=start_step, num_classes=num_classes)
     from vmaescale.data.loader import build_loader
     return build_loader(cfg.data, cfg.train.videos_per_gpu, rank, world_size, mode="train",
                         seed=cfg.train.seed, epoch=epoch, start_step=start_step, device=device,
-                        num_classes=num_classes)
+                        num_classes=num_classes, steps_per_epoch=cfg.train.steps_per_epoch)
 
 
 def validation_clips(cfg, device: torch.device, count: int = 4) -> torch.Tensor:
     """A fixed set of centre clips for reconstructions, the same on every rank."""
-    if cfg.data.backend == "synthetic":
-        from vmaescale.data.memory import InMemoryClips
-        batch = next(iter(InMemoryClips(count, cfg.data.num_frames, cfg.data.image_size, 1,
-                                        seed=12345, device=device)))
-        return batch["video"]
     from vmaescale.data.loader import build_loader
     data = dataclasses.replace(cfg.data, shards=cfg.data.val_shards or cfg.data.shards,
                                test_num_segment=1, test_num_crop=1, short_side=cfg.data.image_size,
                                num_workers=0)
-    loader = build_loader(data, count, 0, 1, mode="eval", seed=0, epoch=0, start_step=0, device=device)
+    loader = build_loader(data, count, 0, 1, mode="eval", seed=0, epoch=0, start_step=0, device=device,
+                          steps_per_epoch=1)
     return next(iter(loader))["video"][:count].to(device)
 
 
@@ -62,6 +52,7 @@ class PretrainTask(Task):
         cfg = self.cfg
         self.grid = token_grid(cfg.data.num_frames, cfg.data.image_size, model.size.patch_size)
         self.masks = self.mask_generator(seed=cfg.train.seed * 1000 + self.ctx.rank)
+        self.counts = self.masks.counts  # fixed per run: the forward reads no mask on the host
 
     def mask_generator(self, seed: int) -> MaskGenerator:
         m = self.cfg.mask
@@ -74,8 +65,7 @@ class PretrainTask(Task):
     def loss(self, engine, batch: dict, run_state: dict) -> torch.Tensor:
         video = batch["video"].to(self.ctx.device, non_blocking=True)
         mask, decoder_mask = self.masks(video.shape[0])
-        with self.ctx.autocast():
-            loss, _ = engine(video, mask, decoder_mask)
+        loss, _ = engine(video, mask, decoder_mask, self.counts)
         return loss
 
     def train_flops_per_clip(self) -> float:
@@ -105,6 +95,8 @@ class PretrainTask(Task):
 
         The forward runs eagerly under model.compile: torch.compile guards on eval mode and
         no_grad, so a compiled call would build (and keep) a second graph for this rare call.
+        No autocast, here or in training: precision is DeepSpeed's bf16 section alone
+        (`vmaescale.train.engine.deepspeed_config`), so both compute alike.
         """
         from vmaescale.eval.reconstruction import (masked_input, reconstruct_clip, region_metrics,
                                                    save_reconstruction_grid)
@@ -116,8 +108,8 @@ class PretrainTask(Task):
         mask, decoder_mask = self.mask_generator(RECON_MASK_SEED)(video.shape[0])
         was_training = model.training
         model.eval()
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"), self.ctx.autocast():
-            _, pred = model(video, mask, decoder_mask)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            _, pred = model(video, mask, decoder_mask, self.counts)
         model.train(was_training)
         if self.ctx.rank != 0:
             return None
