@@ -272,12 +272,15 @@ def plot_curves(comp: Comparison, out_path: str | Path) -> Path:
 
     histories = metric_histories(comp, comp.tracking_uri)
     names = {row.run_id: f"{row.stage or row.name or row.run_id[:8]} ({row.run_id[:8]})" for row in comp.rows}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {row.run_id: palette[i % len(palette)] for i, row in enumerate(comp.rows)}  # one per run, every panel
     fig, axes = plt.subplots(len(comp.metric_keys), 1, figsize=(8, 3.2 * len(comp.metric_keys)),
                              squeeze=False)
     for ax, key in zip(axes[:, 0], comp.metric_keys):
         for run_id, points in histories.get(key, {}).items():
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="." if len(points) < 30 else None, label=names[run_id])
+            ax.plot(steps, values, marker="." if len(points) < 30 else None, label=names[run_id],
+                    color=colors[run_id])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
