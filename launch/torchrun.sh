@@ -17,6 +17,7 @@ RDZV_ID=${RDZV_ID:-vmaescale}             # the run's name; the same on every no
 # The rendezvous port, derived from RDZV_ID so every node agrees without a fixed 29500.
 RDZV_PORT=${RDZV_PORT:-$(( 10000 + $(printf '%s' "$RDZV_ID" | cksum | cut -d' ' -f1) % 20000 ))}
 STOP_GRACE_S=${STOP_GRACE_S:-240}         # how long torchrun waits for the checkpoint on a stop
+PYTHON=${PYTHON:-python}                  # the interpreter with vmaescale installed (e.g. .venv/bin/python)
 
 if [ "$#" -lt 1 ]; then
     echo "usage: [NNODES=N HEAD=host] launch/torchrun.sh launch/<entry>.py --config CONFIG [...]" >&2
@@ -34,7 +35,7 @@ fi
 export VMAESCALE_STATUS_FILE=${VMAESCALE_STATUS_FILE:-$(mktemp -t vmaescale-status.XXXXXX)}
 : > "$VMAESCALE_STATUS_FILE"
 
-python -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
+"$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
     --shutdown-timeout "$STOP_GRACE_S" "$@" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT

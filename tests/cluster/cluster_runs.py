@@ -29,7 +29,8 @@ def overrides(out: Path, *extra: str) -> list[str]:
 def cpu_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **extra}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # scripts' `python`: this one
+    return {**env, "PATH": path, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **extra}
 
 
 def free_port() -> int:
