@@ -215,19 +215,24 @@ def _run_runs_compare(args) -> int:
 # ---------------------------------------------------------------- evaluation
 
 
+def _add_weights_flags(p) -> None:
+    """--select and --allow-pickle: which weights of SRC, and whether a pickled .pth may load."""
+    p.add_argument("--select", default="auto", choices=("auto", "best", "final"),
+                   help="which weights of a run dir (auto: best/ when present, else final/)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="official .pth files that a weights-only load refuses; only for files you trust")
+
+
 def _add_source_flags(p) -> None:
     p.add_argument("src", help="vmaescale run dir (best/, else final/), vmaescale checkpoint dir, "
                                "official .pth or Hugging Face VideoMAE dir (imported on the fly)")
     p.add_argument("--shards", required=True, help="shard dir (with manifest.parquet) or a glob of its tars")
-    p.add_argument("--select", default="auto", choices=("auto", "best", "final"),
-                   help="which weights of a run dir (auto: best/ when present, else final/)")
     p.add_argument("--backend", default="auto", choices=("auto", "dali", "fallback"),
                    help="decoder: DALI, or PyAV (fallback); auto picks DALI when it can decode the shards here")
     p.add_argument("--num-workers", type=int, default=2, help="decoding threads / loader workers")
     p.add_argument("--bad-shards", default="refuse", choices=("refuse", "skip"),
                    help="a corrupt or truncated tar: refuse to start, or leave it out (named)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="official .pth files that a weights-only load refuses; only for files you trust")
+    _add_weights_flags(p)
 
 
 def _add_tracking_flags(p) -> None:
@@ -292,10 +297,7 @@ def _add_features(sub) -> None:
     p.add_argument("--decoder", default="auto", choices=("auto", "pyav", "dali"),
                    help="auto: DALI on a GPU when it imports, else PyAV")
     p.add_argument("--device", default="", help="torch device (default: cuda when there is one, else cpu)")
-    p.add_argument("--select", default="auto", choices=("auto", "best", "final"),
-                   help="which weights of a run dir (auto: best/ when present, else final/)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="official .pth files that a weights-only load refuses; only for files you trust")
+    _add_weights_flags(p)
     add_debug_flag(p)
     p.set_defaults(func=_run_features)
 
@@ -326,10 +328,7 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="clips per forward")
     p.add_argument("--backend", default="auto", choices=("auto", "dali", "fallback"), help="decoder")
     p.add_argument("--device", default="", help="torch device (default: cuda when there is one, else cpu)")
-    p.add_argument("--select", default="auto", choices=("auto", "best", "final"),
-                   help="which weights of a run dir (auto: best/ when present, else final/)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="official .pth files that a weights-only load refuses; only for files you trust")
+    _add_weights_flags(p)
     add_debug_flag(p)
     p.set_defaults(func=_run_reconstruct)
 

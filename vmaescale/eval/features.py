@@ -307,11 +307,10 @@ def write_parquet(run: FeatureRun, path: str | Path, dim: int) -> Path:
 
 def run_extract_features(args) -> int:
     """`vmaescale extract-features`: see `vmaescale.cli` for the flags."""
-    from vmaescale.eval.source import open_source
+    from vmaescale.eval.source import compute_device, open_source
 
     source = open_source(args.src, args.select, args.allow_pickle)
-    device = torch.device(args.device) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device(args.device)
     window = args.window or source.model.num_frames
     run = extract(source.model, input_items(args.shards), device, window, args.stride or window, args.short,
                   not args.no_fc_norm, args.batch_size, args.decoder)

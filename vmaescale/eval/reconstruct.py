@@ -172,6 +172,8 @@ def table_text(rows: list[dict]) -> str:
 
 def run_reconstruct(args) -> int:
     """`vmaescale reconstruct`: see `vmaescale.cli` for the flags."""
+    from vmaescale.eval.source import compute_device
+
     sources = [pretraining_model(args.src, args.select, args.allow_pickle)]
     if args.compare:
         sources.append(pretraining_model(args.compare, args.select, args.allow_pickle))
@@ -190,8 +192,7 @@ def run_reconstruct(args) -> int:
     encoder, encoder_ratio = parse_mask(args.mask, "--mask")
     decoder, decoder_ratio = parse_mask(args.decoder_mask, "--decoder-mask")
     spec = MaskSpec(encoder, encoder_ratio, decoder, decoder_ratio)
-    device = torch.device(args.device) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device(args.device)
     stride = args.sampling_rate or sources[0].run_field("data", "sampling_rate", 4)
     video = held_out_clips(args.shards, args.clips, first.num_frames, first.image_size, stride, args.backend)
     masks = fixed_masks(first, video.shape[0], spec, args.seed)

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vmaescale.models.checkpoint import META_FILE
@@ -100,3 +101,8 @@ def open_source(src: str | Path, select: str = "auto", allow_pickle: bool = Fals
     model, has_head = load_source_model(spec, allow_pickle)
     run_config = json.loads((run_dir / "config.json").read_text()) if run_dir else None
     return ModelSource(model.eval(), spec.kind, spec.path, has_head, run_dir, run_config)
+
+
+def compute_device(name: str = "") -> torch.device:
+    """--device, else cuda when there is a GPU, else the CPU."""
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
